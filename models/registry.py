@@ -1,0 +1,172 @@
+"""The model registry: names mapped to frozen entries (data, not code paths).
+
+An entry says how to build the network, at which rate it runs, which stems it returns and where its
+weights live with their sha256. :func:`load_model` builds, fetches, verifies and loads, strictly.
+Like torchaudio's ``SourceSeparationBundle`` and demucs' ``<sig>-<sha8>.th`` files, both together.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from models.base import ModelLoadError, Separator
+from models import weights as _weights
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One registered model.
+
+    Attributes:
+        name: registry key, used by ``--model``.
+        factory: builds the network with random weights; keyword options are model options.
+        sample_rate: rate in Hz the model runs at; inputs are resampled to it.
+        sources: stems the model returns, in order.
+        weights_uri: where the trained weights live (path, fsspec URI or http(s)); ``None`` means the
+            entry has no published weights and runs untrained unless ``weights=`` is given.
+        sha256: expected digest of the file at ``weights_uri``.
+        description: one line for ``demix models``.
+    """
+
+    name: str
+    factory: Callable[..., Separator]
+    sample_rate: int
+    sources: tuple[str, ...]
+    weights_uri: str | None = None
+    sha256: str | None = None
+    description: str = ""
+
+    def options(self) -> tuple[str, ...]:
+        """Keyword options the factory accepts (what ``load_model(**options)`` may pass)."""
+        params = inspect.signature(self.factory).parameters.values()
+        return tuple(p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY)
+
+
+_REGISTRY: dict[str, ModelEntry] = {}
+
+
+def register(entry: ModelEntry) -> ModelEntry:
+    """Add ``entry``; a second entry with the same name is refused."""
+    if entry.name in _REGISTRY:
+        raise ValueError(f"model {entry.name!r} is already registered")
+    _REGISTRY[entry.name] = entry
+    return entry
+
+
+def get_entry(name: str) -> ModelEntry:
+    """The entry called ``name``; ``ModelLoadError`` listing the known names otherwise."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ModelLoadError(f"unknown model {name!r}; known models: {', '.join(sorted(_REGISTRY))}") from None
+
+
+def list_models() -> list[ModelEntry]:
+    """All entries, sorted by name."""
+    return [_REGISTRY[k] for k in sorted(_REGISTRY)]
+
+
+def load_model(
+    name: str,
+    *,
+    weights: str | None = None,
+    sha256: str | None = None,
+    device: str | torch.device = "cpu",
+    **options,
+) -> Separator:
+    """Build the model ``name``, load its weights strictly and return it in eval mode on ``device``.
+
+    Args:
+        name: registry key.
+        weights: path or URI overriding the entry's ``weights_uri`` (air-gapped clusters pass the
+            published file from their own storage). Checked against ``sha256`` when given, else
+            against the entry's hash when the file is the entry's own, else recorded.
+        sha256: expected digest for ``weights``.
+        device: where the returned model lives.
+        **options: model options (see :meth:`ModelEntry.options`); unknown ones are refused.
+
+    The returned module carries ``registry_name``, ``weights_uri`` (``None`` when untrained) and
+    ``weights_sha256`` for manifests.
+    """
+    entry = get_entry(name)
+    unknown = sorted(set(options) - set(entry.options()))
+    if unknown:
+        raise ModelLoadError(
+            f"model {name!r} has no option {', '.join(unknown)}; its options are: {', '.join(entry.options()) or 'none'}"
+        )
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # untrained entries are deterministic; the global RNG is left alone
+            model = entry.factory(**options)
+    except (TypeError, ValueError) as err:
+        raise ModelLoadError(f"cannot build model {name!r} with options {options}: {err}") from err
+
+    uri = weights if weights is not None else entry.weights_uri
+    digest = None
+    if uri is not None:
+        expected = sha256 if weights is not None else entry.sha256
+        path = _weights.fetch(uri, sha256=expected)
+        digest = _weights.sha256_file(path)
+        _weights.load_strict(model.weights_module(), _weights.read_state_dict(path), where=uri)
+    model.registry_name = name
+    model.weights_uri = uri
+    model.weights_sha256 = digest
+    return model.to(device).eval()
+
+
+def _unet(
+    *,
+    phase: str = "mixture",
+    griffin_lim_iters: int = 32,
+    mask: str = "sigmoid",
+    depth: int = 6,
+    channels: int = 16,
+) -> Separator:
+    from models.unet import SpectrogramUNet
+
+    return SpectrogramUNet(
+        ("vocals", "drums", "bass", "other"),
+        phase=phase,
+        griffin_lim_iters=griffin_lim_iters,
+        mask=mask,
+        depth=depth,
+        channels=channels,
+    )
+
+
+def _hdemucs(*, segment: float = 10.0) -> Separator:
+    from models.hdemucs import HDemucsSeparator
+
+    return HDemucsSeparator(segment=segment)
+
+
+HDEMUCS_MUSDB = register(
+    ModelEntry(
+        name="hdemucs-musdb",
+        factory=_hdemucs,
+        sample_rate=44100,
+        sources=("drums", "bass", "other", "vocals"),
+        weights_uri="https://download.pytorch.org/torchaudio/models/hdemucs_high_trained.pt",
+        sha256="a004b2790d73ffeaa535db458a1a79b539dfdbafbccc31f275d07e632ebd7816",
+        description="Hybrid Demucs (torchaudio hdemucs_high) with the published HDEMUCS_HIGH_MUSDB_PLUS weights",
+    )
+)
+
+UNET = register(
+    ModelEntry(
+        name="unet",
+        factory=_unet,
+        sample_rate=44100,
+        sources=("vocals", "drums", "bass", "other"),
+        description="Spectrogram U-Net (Jansson et al. 2017), UNTRAINED until demix ships its trained default",
+    )
+)
+
+DEFAULT_MODEL = "unet"

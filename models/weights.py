@@ -1,0 +1,150 @@
+"""Fetching, verifying and loading weights.
+
+Weights live at a URI: a local path, any fsspec URI (``s3://``, ``gs://``, ``file://``) or an
+``http(s)://`` address. Remote files are copied once into a cache folder (``$DEMIX_CACHE`` or
+``~/.cache/demix``) and their sha256 is checked before anything is deserialised. Files load with
+safetensors (``.safetensors``) or ``torch.load(weights_only=True)``; state dicts load with a strict key
+match. Nothing here downloads silently into the working tree or accepts a hash mismatch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from models.base import ModelLoadError
+
+_CHUNK = 1 << 20
+_SHA8_IN_NAME = re.compile(r"-([0-9a-f]{8})\.(?:th|pt|pth|safetensors)$")
+
+
+def cache_dir() -> Path:
+    """Folder where remote weights are kept: ``$DEMIX_CACHE`` or ``~/.cache/demix``."""
+    return Path(os.environ.get("DEMIX_CACHE", Path.home() / ".cache" / "demix"))
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a local file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(_CHUNK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _is_http(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def _is_local(uri: str) -> bool:
+    return "://" not in uri or uri.startswith("file://")
+
+
+def _download(uri: str, dest: Path) -> None:
+    """Copy ``uri`` to ``dest`` atomically (temp file in the same folder, then rename)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".part", dir=dest.parent)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            if _is_http(uri):
+                with urllib.request.urlopen(uri, timeout=60) as resp:  # noqa: S310 - documented fetch
+                    shutil.copyfileobj(resp, out, _CHUNK)
+            else:
+                import fsspec
+
+                with fsspec.open(uri, "rb") as src:
+                    shutil.copyfileobj(src, out, _CHUNK)
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def fetch(uri: str, *, sha256: str | None = None, cache: Path | None = None) -> Path:
+    """Return a local path holding the verified weights at ``uri``.
+
+    Args:
+        uri: local path, fsspec URI or http(s) address.
+        sha256: expected hex digest; ``None`` skips the check only when the file name carries no
+            ``-<sha8>`` suffix (demucs' ``<sig>-<sha8>.th`` convention is always checked).
+        cache: cache folder for remote files (default :func:`cache_dir`).
+
+    Raises:
+        ModelLoadError: the file is missing, cannot be fetched (offline, for example) or its hash
+            does not match.
+    """
+    if _is_local(uri):
+        path = Path(uri.removeprefix("file://")).expanduser()
+        if not path.is_file():
+            raise ModelLoadError(f"weights file not found: {uri}")
+    else:
+        name = uri.rstrip("/").rsplit("/", 1)[-1]
+        path = (cache or cache_dir()) / "weights" / name
+        if not path.is_file():
+            try:
+                _download(uri, path)
+            except (urllib.error.URLError, OSError) as err:
+                raise ModelLoadError(
+                    f"could not download weights from {uri}: {err}. On a machine without network, fetch the "
+                    f"file elsewhere and pass it with --weights PATH_OR_URI (a local path, s3://..., etc.), "
+                    f"or copy it to {path}"
+                ) from err
+    verify(path, sha256=sha256, uri=uri)
+    return path
+
+
+def verify(path: Path, *, sha256: str | None, uri: str | None = None) -> str:
+    """Check ``path`` against ``sha256`` and any ``-<sha8>`` in its name; return the actual digest."""
+    actual = sha256_file(path)
+    where = uri or str(path)
+    if sha256 is not None and actual != sha256.lower():
+        raise ModelLoadError(f"sha256 mismatch for weights {where}: expected {sha256}, found {actual}; refusing to load")
+    match = _SHA8_IN_NAME.search(path.name)
+    if match and not actual.startswith(match.group(1)):
+        raise ModelLoadError(
+            f"sha256 mismatch for weights {where}: the file name promises {match.group(1)}..., found {actual[:8]}...; "
+            "refusing to load"
+        )
+    return actual
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Read a state dict from safetensors or a ``torch.save`` file (``weights_only=True``)."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - every deserialiser error becomes one typed error
+        raise ModelLoadError(f"cannot read weights {path}: {type(err).__name__}: {err}") from err
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelLoadError(f"weights {path} do not hold a state dict of tensors")
+    return state
+
+
+def load_strict(module: nn.Module, state: dict[str, torch.Tensor], *, where: str) -> None:
+    """``load_state_dict(strict=True)`` with an error that lists missing and unexpected keys."""
+    expected = set(module.state_dict())
+    missing = sorted(expected - set(state))
+    unexpected = sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ModelLoadError(
+            f"weights {where} do not match the architecture: missing keys {missing[:5]}"
+            f"{'...' if len(missing) > 5 else ''}, unexpected keys {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+        )
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ModelLoadError(f"weights {where} do not match the architecture: {err}") from err

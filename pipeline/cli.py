@@ -1,0 +1,179 @@
+"""The ``demix`` command line. The only place (with the flows) that prints or exits."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import PurePosixPath
+
+EPILOG = """examples:
+  demix separate song.mp3 "My Album/" s3://bucket/in/*.flac -o stems/
+  demix separate song.wav -o out/ --two-stems vocals --format flac --bit-depth 24
+  demix separate song.wav -o out/ --model hdemucs-musdb --weights /models/hdemucs_high_trained.pt
+  demix models
+"""
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"demix: --device {name} asked for, but torch sees no CUDA device")
+    return name
+
+
+def _comma_list(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from models.registry import DEFAULT_MODEL
+
+    parser = argparse.ArgumentParser(
+        prog="demix",
+        description="Separate music catalogs into stems (vocals, drums, bass, other).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sep = sub.add_parser(
+        "separate",
+        help="separate audio files, folders or URIs into stems",
+        description=(
+            "Separate each INPUT into stems written to OUT/<track>/<stem>.<ext>. The model is loaded once. "
+            "A bad input prints one line naming it and why; the others still complete; the exit status is 1 "
+            "when any input failed."
+        ),
+    )
+    sep.add_argument("inputs", nargs="+", metavar="INPUT", help="audio files, folders (searched recursively), globs or fsspec URIs (s3://...)")
+    sep.add_argument("-o", "--out", required=True, metavar="OUT", help="output folder or URI")
+    sep.add_argument("-m", "--model", default=DEFAULT_MODEL, help=f"registered model (default: {DEFAULT_MODEL}; `demix models` lists them)")
+    sep.add_argument("--weights", metavar="PATH_OR_URI", help="weights file overriding the registry's (air-gapped clusters)")
+    sep.add_argument("--weights-sha256", metavar="HEX", help="expected sha256 of --weights")
+    group = sep.add_mutually_exclusive_group()
+    group.add_argument("--two-stems", metavar="STEM", help="write STEM and no_STEM (the sum of the others), e.g. vocals")
+    group.add_argument("--stems", type=_comma_list, metavar="A,B", help="write only these stems")
+    sep.add_argument("--format", choices=("wav", "flac", "mp3"), default="wav", help="output format (default: wav)")
+    sep.add_argument("--bit-depth", choices=("16", "24", "32f"), default="16", help="PCM depth for wav/flac; 32f = float (wav only; default: 16)")
+    sep.add_argument("--clip-mode", choices=("rescale", "clamp", "none"), default="rescale", help="how to avoid clipping (default: rescale)")
+    sep.add_argument("--segment", type=float, metavar="SECONDS", help="chunk length (default: the model's)")
+    sep.add_argument("--overlap", type=float, default=0.25, help="chunk overlap fraction in [0, 1) (default: 0.25)")
+    sep.add_argument("--shifts", type=int, default=0, help="random-shift passes to average (default: 0)")
+    sep.add_argument("--batch-size", type=int, default=1, help="chunks per forward call (default: 1)")
+    sep.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    sep.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32", help="compute dtype (default: float32)")
+    sep.add_argument("--phase", choices=("mixture", "griffinlim"), help="U-Net only: mixture phase or Griffin-Lim reconstruction")
+    sep.add_argument("--seed", type=int, default=0, help="seed for --shifts (default: 0)")
+    sep.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    sub.add_parser("models", help="list registered models", description="List registered models and where their weights live.")
+    return parser
+
+
+def _track_names(inputs: Sequence[str]) -> list[str]:
+    """Output folder name per input: the file name without extension, made safe and unique."""
+    from pipeline.storage import safe_component
+
+    names, seen = [], {}
+    for uri in inputs:
+        base = safe_component(PurePosixPath(uri.replace("\\", "/")).stem or "track")
+        n = seen.get(base, 0)
+        seen[base] = n + 1
+        names.append(base if n == 0 else f"{base}-{n + 1}")
+    return names
+
+
+def cmd_models(_: argparse.Namespace) -> int:
+    from models.registry import DEFAULT_MODEL, list_models
+
+    for entry in list_models():
+        default = " (default)" if entry.name == DEFAULT_MODEL else ""
+        weights = entry.weights_uri or "none: untrained unless --weights is given"
+        print(f"{entry.name}{default}\n  {entry.description}\n  rate {entry.sample_rate} Hz, stems {', '.join(entry.sources)}\n  weights {weights}")
+        if entry.options():
+            print(f"  options: {', '.join(entry.options())}")
+    return 0
+
+
+def cmd_separate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from models.base import ModelLoadError
+    from models.registry import load_model
+    from pipeline.audio import Encoding
+    from pipeline.separate import SeparationSettings, TrackError, plan_stems, separate_track
+    from pipeline.storage import StorageError, expand_inputs, join
+
+    try:
+        encoding = Encoding(format=args.format, bit_depth=args.bit_depth, clip=args.clip_mode)
+        settings = SeparationSettings(
+            segment=args.segment, overlap=args.overlap, shifts=args.shifts, batch_size=args.batch_size,
+            device=_device(args.device), dtype=args.dtype, seed=args.seed,
+        )
+    except ValueError as err:
+        print(f"demix: error: {err}", file=sys.stderr)
+        return 2
+    try:
+        inputs = expand_inputs(args.inputs)
+    except StorageError as err:
+        print(f"demix: error: {err}", file=sys.stderr)
+        return 2
+    if not inputs:
+        print("demix: error: no audio files found in the inputs", file=sys.stderr)
+        return 2
+    options = {"phase": args.phase} if args.phase else {}
+    try:
+        model = load_model(args.model, weights=args.weights, sha256=args.weights_sha256, device=settings.device, **options)
+        plan = plan_stems(model.sources, stems=args.stems, two_stems=args.two_stems)
+    except (ModelLoadError, ValueError) as err:
+        print(f"demix: error: {err}", file=sys.stderr)
+        return 2
+    if model.weights_uri is None:
+        print(
+            f"demix: warning: model {args.model!r} has no trained weights yet; its stems are not meaningful "
+            "(pass --weights or use a trained model)",
+            file=sys.stderr,
+        )
+
+    failed = 0
+    bar = tqdm(total=len(inputs), unit="track", disable=args.no_progress, dynamic_ncols=True)
+    with bar:
+        for uri, name in zip(inputs, _track_names(inputs)):
+            bar.set_postfix_str(os.path.basename(uri)[:40])
+            outputs = {stem: join(args.out, name, f"{stem}.{encoding.extension}") for stem in plan.names}
+            secs = 0.0
+
+            def tick(s: float) -> None:
+                nonlocal secs
+                secs += s
+                bar.set_postfix_str(f"{os.path.basename(uri)[:40]} {secs:.0f}s")
+
+            try:
+                separate_track(model, uri, outputs, plan=plan, encoding=encoding, settings=settings, progress=tick)
+            except TrackError as err:
+                failed += 1
+                tqdm.write(f"demix: failed: {err}", file=sys.stderr)
+            bar.update(1)
+    ok = len(inputs) - failed
+    print(f"demix: {ok} of {len(inputs)} tracks separated into {args.out}" + (f", {failed} failed" if failed else ""))
+    return 1 if failed else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``demix`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    handlers = {"separate": cmd_separate, "models": cmd_models}
+    return handlers[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""Storage on any fsspec URI: a local path by default, ``s3://`` through s3fs.
+
+Rules every writer in demix follows:
+
+* Final keys are written atomically: the bytes go to a temporary name first (a temp file in the same
+  local folder, or a local spool for object stores) and only a complete file is renamed or uploaded
+  to its final key. An exception on the way leaves nothing at the final key.
+* Names derived from user input go through :func:`safe_component`, so no source name can write
+  outside the output root.
+* Credentials never travel as arguments: s3fs reads the standard AWS environment and config files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob as _glob
+import os
+import re
+import shutil
+import tempfile
+import unicodedata
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import fsspec
+
+AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".m4a", ".aac", ".mp4", ".aif", ".aiff", ".wma")
+
+
+class StorageError(OSError):
+    """A read, write or listing on a storage URI failed. ``stage`` is ``read`` or ``write``."""
+
+    def __init__(self, uri: str, message: str, *, stage: str = "write") -> None:
+        super().__init__(f"{stage} {uri}: {message}")
+        self.uri = uri
+        self.stage = stage
+
+
+def is_remote(uri: str) -> bool:
+    """True for URIs with a protocol other than ``file://``."""
+    return "://" in uri and not uri.startswith("file://")
+
+
+def local_path(uri: str) -> str:
+    """Strip ``file://`` from a local URI."""
+    return uri.removeprefix("file://")
+
+
+def join(root: str, *parts: str) -> str:
+    """Join ``parts`` under ``root`` with ``/`` (works for paths and URIs)."""
+    out = root.rstrip("/") if root not in ("/", "") else root
+    for part in parts:
+        out = f"{out}/{part.strip('/')}" if out else part
+    return out
+
+
+def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """``(filesystem, path)`` for ``uri``."""
+    fs, path = fsspec.core.url_to_fs(uri)
+    return fs, path
+
+
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f/\\:*?\"<>|]+")
+
+
+def safe_component(name: str, *, max_len: int = 120) -> str:
+    """A single path component from arbitrary text: no separators, no ``..``, no control chars.
+
+    Unicode letters, spaces, quotes and parentheses are kept (they are legal everywhere that matters);
+    the result is NFC-normalised, never empty and never starts with a dot.
+    """
+    cleaned = _UNSAFE.sub("_", unicodedata.normalize("NFC", name)).strip()
+    cleaned = cleaned.lstrip(".") or "_"
+    encoded = cleaned.encode("utf-8")[:max_len]
+    return encoded.decode("utf-8", errors="ignore").rstrip() or "_"
+
+
+def expand_inputs(inputs: Sequence[str], *, extensions: Sequence[str] = AUDIO_EXTENSIONS) -> list[str]:
+    """Turn files, folders, globs and fsspec URIs into a sorted, de-duplicated list of audio URIs.
+
+    Folders are searched recursively for ``extensions``; an explicit file is kept whatever its
+    extension (a bad one fails later, on its own). A path that matches nothing raises ``StorageError``.
+    """
+    exts = tuple(e.lower() for e in extensions)
+    found: list[str] = []
+    for item in inputs:
+        if is_remote(item):
+            fs, path = filesystem(item)
+            proto = item.split("://", 1)[0]
+            if fs.isdir(path):
+                names = [p for p in fs.find(path) if p.lower().endswith(exts)]
+            elif _glob.has_magic(path):
+                names = fs.glob(path)
+            elif fs.exists(path):
+                names = [path]
+            else:
+                raise StorageError(item, "no such file or folder", stage="read")
+            found.extend(f"{proto}://{p}" for p in sorted(names))
+            continue
+        path = local_path(item)
+        if os.path.isdir(path):
+            names = sorted(
+                str(p) for p in Path(path).rglob("*") if p.is_file() and p.suffix.lower() in exts
+            )
+        elif os.path.isfile(path):
+            names = [path]
+        elif _glob.has_magic(path):
+            names = sorted(p for p in _glob.glob(path, recursive=True) if os.path.isfile(p))
+        else:
+            raise StorageError(item, "no such file or folder", stage="read")
+        found.extend(names)
+    return list(dict.fromkeys(found))
+
+
+@contextlib.contextmanager
+def local_copy(uri: str, *, spool_dir: str | None = None) -> Iterator[str]:
+    """A local path holding the bytes at ``uri`` (the path itself when local; a temp copy otherwise)."""
+    if not is_remote(uri):
+        path = local_path(uri)
+        if not os.path.isfile(path):
+            raise StorageError(uri, "no such file", stage="read")
+        yield path
+        return
+    suffix = Path(uri).suffix
+    fd, tmp = tempfile.mkstemp(prefix="demix-in-", suffix=suffix, dir=spool_dir)
+    os.close(fd)
+    try:
+        try:
+            fs, path = filesystem(uri)
+            fs.get_file(path, tmp)
+        except Exception as err:  # noqa: BLE001 - backends raise many types; one typed error out
+            raise StorageError(uri, f"{type(err).__name__}: {err}", stage="read") from err
+        yield tmp
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+class AtomicOutput:
+    """Local staging paths for a group of output keys, committed together.
+
+    ``path_for(uri)`` gives a local file to write; :meth:`commit` moves each finished file to its
+    final key (``os.replace`` locally, an upload for object stores); :meth:`discard` (or leaving
+    the ``with`` block by an exception) removes every staged file and writes nothing final.
+    """
+
+    def __init__(self, *, spool_dir: str | None = None) -> None:
+        self._staged: dict[str, str] = {}
+        self._spool_dir = spool_dir
+        self._tmpdir: str | None = None
+
+    def path_for(self, uri: str) -> str:
+        suffix = Path(uri).suffix
+        if not is_remote(uri):
+            final = Path(local_path(uri))
+            try:
+                final.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise StorageError(uri, str(err)) from err
+            fd, tmp = tempfile.mkstemp(prefix=".demix-", suffix=".part" + suffix, dir=final.parent)
+            os.close(fd)
+        else:
+            if self._tmpdir is None:
+                self._tmpdir = tempfile.mkdtemp(prefix="demix-out-", dir=self._spool_dir)
+            tmp = os.path.join(self._tmpdir, f"{len(self._staged)}{suffix}")
+        self._staged[uri] = tmp
+        return tmp
+
+    def commit(self) -> list[str]:
+        """Move every staged file to its final key; returns the committed URIs."""
+        done = []
+        for uri, tmp in self._staged.items():
+            put_file(tmp, uri)
+            done.append(uri)
+        self._staged.clear()
+        self.discard()
+        return done
+
+    def discard(self) -> None:
+        for tmp in self._staged.values():
+            Path(tmp).unlink(missing_ok=True)
+        self._staged.clear()
+        if self._tmpdir is not None:
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+            self._tmpdir = None
+
+    def __enter__(self) -> AtomicOutput:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.discard()
+
+
+def put_file(local: str, uri: str) -> None:
+    """Move/upload a finished local file to ``uri`` as one atomic step."""
+    try:
+        if not is_remote(uri):
+            final = local_path(uri)
+            os.makedirs(os.path.dirname(os.path.abspath(final)), exist_ok=True)
+            os.replace(local, final)
+        else:
+            fs, path = filesystem(uri)
+            fs.put_file(local, path)  # object stores publish a key only when its upload completes
+            Path(local).unlink(missing_ok=True)
+    except Exception as err:  # noqa: BLE001 - one typed error out
+        raise StorageError(uri, f"{type(err).__name__}: {err}") from err
