@@ -450,34 +450,33 @@ def separate_track(
                             block_seconds=block_seconds, source=source,
                         )
                     )
-            with open_audio(path, name=source) as stream:
+            with open_audio(path, name=source) as stream, contextlib.ExitStack() as writers_open:
                 info = stream.info
                 stage = "encode"
+                # a writer leaving its ``with`` by an exception discards its output instead of encoding it
                 writers = {
-                    stem: AudioWriter(
-                        staged.path_for(outputs[stem]), sample_rate=model.sample_rate,
-                        channels=model.audio_channels, encoding=encoding, source=outputs[stem],
+                    stem: writers_open.enter_context(
+                        AudioWriter(
+                            staged.path_for(outputs[stem]), sample_rate=model.sample_rate,
+                            channels=model.audio_channels, encoding=encoding, source=outputs[stem],
+                        )
                     )
                     for stem in plan.names
                 }
-                try:
-                    stage = "decode"
-                    blocks = stream_conformed(
-                        stream, target_rate=model.sample_rate, target_channels=model.audio_channels,
-                        block_seconds=block_seconds, source=source,
-                    )
-                    frames = 0
-                    stage = "separate"
-                    for est in separate_stream(model, _counting(blocks, progress, model.sample_rate), settings, stats=stats):
-                        frames += est.shape[-1]
-                        stage = "encode"
-                        for stem, wav in plan.apply(est).items():
-                            writers[stem].write(wav)
-                        stage = "separate"
+                stage = "decode"
+                blocks = stream_conformed(
+                    stream, target_rate=model.sample_rate, target_channels=model.audio_channels,
+                    block_seconds=block_seconds, source=source,
+                )
+                frames = 0
+                stage = "separate"
+                for est in separate_stream(model, _counting(blocks, progress, model.sample_rate), settings, stats=stats):
+                    frames += est.shape[-1]
                     stage = "encode"
-                finally:
-                    for w in writers.values():
-                        w.close()
+                    for stem, wav in plan.apply(est).items():
+                        writers[stem].write(wav)
+                    stage = "separate"
+                stage = "encode"
             stage = "write"
             committed = staged.commit()
     except TrackError:

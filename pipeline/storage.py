@@ -60,14 +60,16 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fs, path
 
 
-_UNSAFE = re.compile(r"[\x00-\x1f\x7f/\\:*?\"<>|]+")
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f/\\]+")
 
 
 def safe_component(name: str, *, max_len: int = 120) -> str:
     """A single path component from arbitrary text: no separators, no ``..``, no control chars.
 
-    Unicode letters, spaces, quotes and parentheses are kept (they are legal everywhere that matters);
-    the result is NFC-normalised, never empty and never starts with a dot.
+    Only path separators and control characters are replaced (by ``_``); Unicode letters, spaces,
+    quotes, parentheses and punctuation are kept, since POSIX file systems and object stores accept
+    them. The result is NFC-normalised, at most ``max_len`` UTF-8 bytes, never empty and never starts
+    with a dot (so ``..`` cannot name a parent).
     """
     cleaned = _UNSAFE.sub("_", unicodedata.normalize("NFC", name)).strip()
     cleaned = cleaned.lstrip(".") or "_"
