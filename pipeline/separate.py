@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import queue
 import random
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -469,13 +471,18 @@ def separate_track(
                     block_seconds=block_seconds, source=source,
                 )
                 frames = 0
-                stage = "separate"
-                for est in separate_stream(model, _counting(blocks, progress, model.sample_rate), settings, stats=stats):
-                    frames += est.shape[-1]
-                    stage = "encode"
+
+                def encode(est: Tensor) -> None:
                     for stem, wav in plan.apply(est).items():
                         writers[stem].write(wav)
-                    stage = "separate"
+
+                stage = "separate"
+                # decoding runs ahead and encoding runs behind in their own threads, so the model
+                # is not kept waiting on I/O (all three release the GIL in their heavy parts)
+                with _Prefetch(_counting(blocks, progress, model.sample_rate), depth=2) as ahead, _Behind(encode) as behind:
+                    for est in separate_stream(model, ahead, settings, stats=stats):
+                        frames += est.shape[-1]
+                        behind.submit(est)
                 stage = "encode"
             stage = "write"
             committed = staged.commit()
@@ -499,3 +506,102 @@ def _counting(blocks: Iterable[Tensor], progress: Callable[[float], None] | None
         yield block
         if progress is not None:
             progress(block.shape[-1] / rate)
+
+
+class _Raised:
+    def __init__(self, err: BaseException) -> None:
+        self.err = err
+
+
+_DONE = object()
+
+
+class _Prefetch:
+    """Iterate ``items`` in a worker thread, up to ``depth`` items ahead of the consumer.
+
+    An exception in the worker is re-raised in the consumer at the same position. Leaving the
+    ``with`` block stops the worker and waits for it, so the source can be closed safely after.
+    """
+
+    def __init__(self, items: Iterable, depth: int = 2) -> None:
+        self._items = items
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._work, name="demix-prefetch", daemon=True)
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _work(self) -> None:
+        try:
+            for item in self._items:
+                if not self._put(item):
+                    return
+            self._put(_DONE)
+        except BaseException as err:  # noqa: BLE001 - handed to the consumer
+            self._put(_Raised(err))
+
+    def __iter__(self) -> Iterator:
+        while True:
+            item = self._queue.get()
+            if item is _DONE:
+                return
+            if isinstance(item, _Raised):
+                raise item.err
+            yield item
+
+    def __enter__(self) -> _Prefetch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        while self._thread.is_alive():
+            with contextlib.suppress(queue.Empty):
+                self._queue.get(timeout=0.05)
+        self._thread.join()
+
+
+class _Behind:
+    """Apply ``fn`` to submitted items in order, in a worker thread, at most ``depth`` behind.
+
+    The first exception in ``fn`` is re-raised by the next :meth:`submit` or on leaving the block.
+    """
+
+    def __init__(self, fn: Callable, depth: int = 2) -> None:
+        self._fn = fn
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._work, name="demix-encode", daemon=True)
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is _DONE:
+                return
+            if self._error is None:
+                try:
+                    self._fn(item)
+                except BaseException as err:  # noqa: BLE001 - re-raised by the producer
+                    self._error = err
+
+    def submit(self, item) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put(item)
+
+    def __enter__(self) -> _Behind:
+        self._thread.start()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._queue.put(_DONE)
+        self._thread.join()
+        if exc_type is None and self._error is not None:
+            raise self._error

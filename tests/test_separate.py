@@ -180,3 +180,57 @@ def test_stem_plans():
         plan_stems(sources, two_stems="piano")
     with pytest.raises(ValueError, match="unknown stems"):
         plan_stems(sources, stems=["piano"])
+
+
+class _Exploding(ScaleModel):
+    def forward(self, mix):
+        if len(self.calls) >= 2:
+            raise RuntimeError("boom")
+        return super().forward(mix)
+
+
+def _wav(tmp_path, seconds=6.0, rate=1000, name="x.wav"):
+    import soundfile as sf
+
+    path = tmp_path / name
+    sf.write(path, 0.1 * torch.randn(int(seconds * rate), 2).numpy(), rate, subtype="FLOAT")
+    return path
+
+
+def test_separate_track_failure_is_staged_and_leaves_nothing(tmp_path):
+    from pipeline.audio import Encoding
+    from pipeline.separate import TrackError, separate_track
+
+    src = _wav(tmp_path)
+    model = _Exploding()
+    plan = plan_stems(model.sources)
+    out = tmp_path / "out"
+    outputs = {s: str(out / f"{s}.wav") for s in plan.names}
+    with pytest.raises(TrackError) as info:
+        separate_track(model, str(src), outputs, plan=plan, encoding=Encoding(), settings=SeparationSettings(), block_seconds=1.0)
+    assert info.value.stage == "separate" and info.value.error_type == "RuntimeError"
+    assert "boom" in str(info.value) and str(src) in str(info.value)
+    assert not out.exists() or not any(out.iterdir()), "a failed track left files behind"
+
+
+def test_separate_track_streams_blocks_and_matches_in_memory(tmp_path):
+    import soundfile as sf
+
+    from pipeline.audio import Encoding
+    from pipeline.separate import separate_track
+
+    src = _wav(tmp_path, seconds=7.3)
+    model = ScaleModel()
+    plan = plan_stems(model.sources, two_stems="vocals")
+    outputs = {s: str(tmp_path / f"{s}.wav") for s in plan.names}
+    seen = []
+    result = separate_track(
+        model, str(src), outputs, plan=plan, encoding=Encoding("wav", "32f", "none"),
+        settings=SeparationSettings(overlap=0.5), block_seconds=0.7, progress=seen.append,
+    )
+    assert result.duration_s == pytest.approx(7.3) and sum(seen) == pytest.approx(7.3)
+    assert len(seen) == 11, "decoding did not stream in blocks"
+    mix = torch.from_numpy(sf.read(src, dtype="float32")[0].T)
+    vocals = torch.from_numpy(sf.read(outputs["vocals"], dtype="float32")[0].T)
+    rest = torch.from_numpy(sf.read(outputs["no_vocals"], dtype="float32")[0].T)
+    assert torch.allclose(vocals, 0.1 * mix, atol=1e-6) and torch.allclose(rest, 0.9 * mix, atol=1e-6)
