@@ -13,6 +13,7 @@ EPILOG = """examples:
   demix separate song.mp3 "My Album/" s3://bucket/in/*.flac -o stems/
   demix separate song.wav -o out/ --two-stems vocals --format flac --bit-depth 24
   demix separate song.wav -o out/ --model hdemucs-musdb --weights /models/hdemucs_high_trained.pt
+  demix run catalog.csv -o s3://bucket/stems --workers 2
   demix models
 """
 
@@ -43,8 +44,30 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    common = argparse.ArgumentParser(add_help=False)
+    g = common.add_argument_group("model and separation")
+    g.add_argument("-m", "--model", default=DEFAULT_MODEL, help=f"registered model (default: {DEFAULT_MODEL}; `demix models` lists them)")
+    g.add_argument("--weights", metavar="PATH_OR_URI", help="weights file overriding the registry's (air-gapped clusters)")
+    g.add_argument("--weights-sha256", metavar="HEX", help="expected sha256 of --weights")
+    stems = g.add_mutually_exclusive_group()
+    stems.add_argument("--two-stems", metavar="STEM", help="write STEM and no_STEM (the sum of the others), e.g. vocals")
+    stems.add_argument("--stems", type=_comma_list, metavar="A,B", help="write only these stems")
+    g.add_argument("--format", choices=("wav", "flac", "mp3"), default="wav", help="output format (default: wav)")
+    g.add_argument("--bit-depth", choices=("16", "24", "32f"), default="16", help="PCM depth for wav/flac; 32f = float (wav only; default: 16)")
+    g.add_argument("--clip-mode", choices=("rescale", "clamp", "none"), default="rescale", help="how to avoid clipping (default: rescale)")
+    g.add_argument("--segment", type=float, metavar="SECONDS", help="chunk length (default: the model's)")
+    g.add_argument("--overlap", type=float, default=0.25, help="chunk overlap fraction in [0, 1) (default: 0.25)")
+    g.add_argument("--shifts", type=int, default=0, help="random-shift passes to average (default: 0)")
+    g.add_argument("--batch-size", type=int, default=1, help="chunks per forward call (default: 1)")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    g.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32", help="compute dtype (default: float32)")
+    g.add_argument("--phase", choices=("mixture", "griffinlim"), help="U-Net only: mixture phase or Griffin-Lim reconstruction")
+    g.add_argument("--seed", type=int, default=0, help="seed for --shifts (default: 0)")
+    g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
     sep = sub.add_parser(
         "separate",
+        parents=[common],
         help="separate audio files, folders or URIs into stems",
         description=(
             "Separate each INPUT into stems written to OUT/<track>/<stem>.<ext>. The model is loaded once. "
@@ -54,24 +77,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sep.add_argument("inputs", nargs="+", metavar="INPUT", help="audio files, folders (searched recursively), globs or fsspec URIs (s3://...)")
     sep.add_argument("-o", "--out", required=True, metavar="OUT", help="output folder or URI")
-    sep.add_argument("-m", "--model", default=DEFAULT_MODEL, help=f"registered model (default: {DEFAULT_MODEL}; `demix models` lists them)")
-    sep.add_argument("--weights", metavar="PATH_OR_URI", help="weights file overriding the registry's (air-gapped clusters)")
-    sep.add_argument("--weights-sha256", metavar="HEX", help="expected sha256 of --weights")
-    group = sep.add_mutually_exclusive_group()
-    group.add_argument("--two-stems", metavar="STEM", help="write STEM and no_STEM (the sum of the others), e.g. vocals")
-    group.add_argument("--stems", type=_comma_list, metavar="A,B", help="write only these stems")
-    sep.add_argument("--format", choices=("wav", "flac", "mp3"), default="wav", help="output format (default: wav)")
-    sep.add_argument("--bit-depth", choices=("16", "24", "32f"), default="16", help="PCM depth for wav/flac; 32f = float (wav only; default: 16)")
-    sep.add_argument("--clip-mode", choices=("rescale", "clamp", "none"), default="rescale", help="how to avoid clipping (default: rescale)")
-    sep.add_argument("--segment", type=float, metavar="SECONDS", help="chunk length (default: the model's)")
-    sep.add_argument("--overlap", type=float, default=0.25, help="chunk overlap fraction in [0, 1) (default: 0.25)")
-    sep.add_argument("--shifts", type=int, default=0, help="random-shift passes to average (default: 0)")
-    sep.add_argument("--batch-size", type=int, default=1, help="chunks per forward call (default: 1)")
-    sep.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    sep.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32", help="compute dtype (default: float32)")
-    sep.add_argument("--phase", choices=("mixture", "griffinlim"), help="U-Net only: mixture phase or Griffin-Lim reconstruction")
-    sep.add_argument("--seed", type=int, default=0, help="seed for --shifts (default: 0)")
-    sep.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    run = sub.add_parser(
+        "run",
+        parents=[common],
+        help="separate a whole catalog with the Prefect flow on Ray (exactly once, resumable)",
+        description=(
+            "Run the separate-catalog flow: plan -> execute on a Ray actor pool -> commit per shard -> report. "
+            "Writes OUT/stems/<track_id>/<stem>.<ext> and OUT/manifests/{tracks,stems,failures}.parquet. "
+            "A rerun skips tracks already committed with the same model and settings. Storage credentials and "
+            "endpoints come from the standard AWS environment (AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, ~/.aws/...). "
+            "Exit status 1 when any track failed."
+        ),
+    )
+    run.add_argument("catalog", metavar="CATALOG", help="folder, glob, fsspec URI, or CSV/Parquet file with a 'uri' column (optional 'track_id')")
+    run.add_argument("-o", "--out", required=True, metavar="OUT_URI", help="output root: a local path or s3://bucket/prefix")
+    run.add_argument("--workers", type=int, help="CPU actors when the cluster has no GPU (default: 1); with GPUs, one actor per GPU")
+    run.add_argument("--ray-address", metavar="ADDR", help="join this Ray cluster (default: start a local instance)")
+    run.add_argument("--shard-size", type=int, default=16, help="tracks per commit (default: 16)")
+    run.add_argument("--force", action="store_true", help="redo tracks already committed")
 
     sub.add_parser("models", help="list registered models", description="List registered models and where their weights live.")
     return parser
@@ -102,6 +126,17 @@ def cmd_models(_: argparse.Namespace) -> int:
     return 0
 
 
+def _settings_kwargs(args: argparse.Namespace) -> dict:
+    return {
+        "segment": args.segment, "overlap": args.overlap, "shifts": args.shifts,
+        "batch_size": args.batch_size, "dtype": args.dtype, "seed": args.seed,
+    }
+
+
+def _encoding_kwargs(args: argparse.Namespace) -> dict:
+    return {"format": args.format, "bit_depth": args.bit_depth, "clip": args.clip_mode}
+
+
 def cmd_separate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -112,11 +147,8 @@ def cmd_separate(args: argparse.Namespace) -> int:
     from pipeline.storage import StorageError, expand_inputs, join
 
     try:
-        encoding = Encoding(format=args.format, bit_depth=args.bit_depth, clip=args.clip_mode)
-        settings = SeparationSettings(
-            segment=args.segment, overlap=args.overlap, shifts=args.shifts, batch_size=args.batch_size,
-            device=_device(args.device), dtype=args.dtype, seed=args.seed,
-        )
+        encoding = Encoding(**_encoding_kwargs(args))
+        settings = SeparationSettings(**_settings_kwargs(args), device=_device(args.device))
     except ValueError as err:
         print(f"demix: error: {err}", file=sys.stderr)
         return 2
@@ -166,12 +198,67 @@ def cmd_separate(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from models.base import ModelLoadError
+    from models.registry import get_entry
+    from pipeline.audio import Encoding
+    from pipeline.catalog import CatalogError
+    from pipeline.separate import SeparationSettings, plan_stems
+    from pipeline.storage import StorageError
+
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    try:  # validate everything cheap before starting Prefect and Ray
+        Encoding(**_encoding_kwargs(args))
+        SeparationSettings(**_settings_kwargs(args))
+        plan_stems(get_entry(args.model).sources, stems=args.stems, two_stems=args.two_stems)
+        if args.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"--device for `demix run` is auto, cpu or cuda (one actor per GPU). Found: {args.device}")
+    except (ValueError, ModelLoadError) as err:
+        print(f"demix: error: {err}", file=sys.stderr)
+        return 2
+    from flows.separate_catalog import separate_catalog
+
+    try:
+        summary = separate_catalog(
+            catalog=args.catalog, out=args.out, model=args.model, weights=args.weights,
+            weights_sha256=args.weights_sha256, model_options={"phase": args.phase} if args.phase else None,
+            settings=_settings_kwargs(args), encoding=_encoding_kwargs(args), stems=args.stems,
+            two_stems=args.two_stems, workers_count=args.workers, device=args.device,
+            ray_address=args.ray_address, shard_size=args.shard_size, force=args.force,
+            progress=not args.no_progress,
+        )
+    except (CatalogError, StorageError, ModelLoadError) as err:
+        print(f"demix: error: {err}", file=sys.stderr)
+        return 2
+    print_run_summary(summary, args.out)
+    return 1 if summary["failed_now"] else 0
+
+
+def print_run_summary(summary: dict, out: str) -> None:
+    """One screen: counts, speed, where things are, and each failure on one line."""
+    print(
+        f"demix run: {summary['catalog_tracks']} tracks in catalog, {summary['skipped_already_committed']} already done, "
+        f"{summary['ok_now']} separated, {summary['failed_now']} failed"
+    )
+    print(
+        f"  audio: {summary['audio_seconds_now']:.1f} s in {summary['wall_seconds_now']:.1f} s "
+        f"({summary['realtime_factor_now']:.2f}x real time); committed in total: {summary['committed_ok_total']} ok, "
+        f"{summary['committed_failed_total']} failed, {summary['hours_of_audio_total']:.3f} h of audio"
+    )
+    print(f"  stem audio: {out.rstrip('/')}/stems/<track_id>/<stem>.<ext>")
+    for kind, uri in summary["manifests"].items():
+        print(f"  {kind + ' manifest:':<18} {uri}")
+    for f in summary["failures"]:
+        print(f"  failed [{f['stage']}] {f['source_uri']}: {f['error_type']}: {f['message'][:160]}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``demix`` console script; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    handlers = {"separate": cmd_separate, "models": cmd_models}
+    handlers = {"separate": cmd_separate, "run": cmd_run, "models": cmd_models}
     return handlers[args.command](args)
 
 

@@ -393,7 +393,8 @@ class TrackResult:
     source_channels: int
     elapsed_s: float
     decoder: str = ""
-    extra: dict = field(default_factory=dict)
+    num_frames: int = 0  # output frames per stem, at the model's rate
+    rms_dbfs: dict[str, float] = field(default_factory=dict)  # per stem, as written (before clip handling)
 
 
 def _stage_of(err: BaseException, default: str) -> str:
@@ -472,8 +473,11 @@ def separate_track(
                 )
                 frames = 0
 
+                energy = dict.fromkeys(plan.names, 0.0)
+
                 def encode(est: Tensor) -> None:
                     for stem, wav in plan.apply(est).items():
+                        energy[stem] += float(wav.double().square().sum())
                         writers[stem].write(wav)
 
                 stage = "separate"
@@ -498,7 +502,16 @@ def separate_track(
         source_channels=info.channels,
         elapsed_s=time.perf_counter() - started,
         decoder=info.decoder,
+        num_frames=frames,
+        rms_dbfs={stem: _dbfs(e, frames * model.audio_channels) for stem, e in energy.items()},
     )
+
+
+def _dbfs(energy: float, samples: int) -> float:
+    """RMS level in dBFS of a signal with total ``energy`` over ``samples`` samples (-inf if silent)."""
+    if samples == 0 or energy <= 0:
+        return float("-inf")
+    return 10.0 * math.log10(energy / samples)
 
 
 def _counting(blocks: Iterable[Tensor], progress: Callable[[float], None] | None, rate: int) -> Iterator[Tensor]:

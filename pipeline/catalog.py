@@ -1,0 +1,137 @@
+"""Catalogs: which tracks to separate, with stable ids, cut into shards.
+
+A catalog is a folder, a glob, an fsspec URI, or a CSV/Parquet table with a ``uri`` column (and an
+optional ``track_id`` column). Track ids are stable and safe: derived from the source URI (a readable
+slug of the file name plus 12 hex digits of the URI's sha256), or the user's own id reduced to the
+characters ``[A-Za-z0-9._-]``. An id never contains a path separator and never starts with a dot,
+so no source name can write outside the output root.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+import unicodedata
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import PurePosixPath
+
+from pipeline.storage import StorageError, expand_inputs, filesystem, is_remote, local_path
+
+_ID_OK = re.compile(r"[^A-Za-z0-9._-]+")
+_TABLE_SUFFIXES = (".csv", ".parquet", ".pq")
+
+
+class CatalogError(ValueError):
+    """The catalog cannot be read or is inconsistent (duplicate ids, missing ``uri`` column...)."""
+
+
+@dataclass(frozen=True)
+class Track:
+    """One catalog row: a stable id and where its audio lives."""
+
+    track_id: str
+    uri: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _slug(text: str, max_len: int = 48) -> str:
+    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+    slug = _ID_OK.sub("-", ascii_text).strip("-._")
+    return slug[:max_len].rstrip("-._") or "track"
+
+
+def track_id_for(uri: str) -> str:
+    """Stable, safe id of a source: ``<slug of the file name>-<sha256(uri)[:12]>``."""
+    digest = hashlib.sha256(uri.encode("utf-8")).hexdigest()[:12]
+    return f"{_slug(PurePosixPath(uri).stem)}-{digest}"
+
+
+def safe_track_id(user_id: str) -> str:
+    """A user-given id reduced to ``[A-Za-z0-9._-]``, never empty, never starting with a dot."""
+    cleaned = _ID_OK.sub("-", str(user_id)).strip("-").lstrip(".")
+    if not cleaned:
+        raise CatalogError(f"track_id {user_id!r} has no usable characters")
+    return cleaned[:128]
+
+
+def _read_table(uri: str) -> list[dict]:
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    fs, path = filesystem(uri)
+    try:
+        with fs.open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError as err:
+        raise StorageError(uri, "no such file", stage="read") from err
+    if uri.lower().endswith(".csv"):
+        table = pacsv.read_csv(io.BytesIO(data))
+    else:
+        table = pq.read_table(io.BytesIO(data))
+    if "uri" not in table.column_names:
+        raise CatalogError(f"catalog table {uri} has no 'uri' column (columns: {', '.join(table.column_names)})")
+    return table.to_pylist()
+
+
+def _resolve(uri: str, base: str) -> str:
+    """Relative URIs in a catalog table are relative to the table's folder."""
+    if "://" in uri or uri.startswith("/"):
+        return uri
+    parent = base.rsplit("/", 1)[0] if "/" in base else "."
+    return f"{parent}/{uri}"
+
+
+def read_catalog(catalog: str | Sequence[str]) -> list[Track]:
+    """Tracks of a catalog (see module docstring), sorted by id; duplicate ids are an error."""
+    items = [catalog] if isinstance(catalog, str) else list(catalog)
+    tracks: list[Track] = []
+    for item in items:
+        is_table = item.lower().endswith(_TABLE_SUFFIXES) and (
+            is_remote(item) or PurePosixPath(local_path(item)).suffix.lower() in _TABLE_SUFFIXES
+        )
+        if is_table:
+            for row in _read_table(item):
+                if not row.get("uri"):
+                    raise CatalogError(f"catalog {item}: a row has an empty 'uri': {row}")
+                uri = _resolve(str(row["uri"]), item)
+                tid = row.get("track_id")
+                tracks.append(Track(safe_track_id(tid) if tid not in (None, "") else track_id_for(uri), uri))
+        else:
+            tracks.extend(Track(track_id_for(uri), uri) for uri in expand_inputs([item]))
+    seen: dict[str, str] = {}
+    for t in tracks:
+        if t.track_id in seen and seen[t.track_id] != t.uri:
+            raise CatalogError(f"duplicate track_id {t.track_id!r} for {seen[t.track_id]} and {t.uri}")
+        seen[t.track_id] = t.uri
+    unique = {t.track_id: t for t in tracks}
+    return [unique[k] for k in sorted(unique)]
+
+
+@dataclass(frozen=True)
+class Shard:
+    """A unit of commit: a few tracks whose results are written and committed together."""
+
+    shard_id: str
+    tracks: tuple[Track, ...]
+
+
+def make_shards(tracks: Iterable[Track], shard_size: int, *, run_id: str = "") -> list[Shard]:
+    """Cut ``tracks`` into shards of at most ``shard_size``.
+
+    A shard's id hashes ``run_id`` with its track ids: within a run, every retry or duplicate of a
+    shard has the same id (so only one commit can win); a later run (a rerun of failed tracks,
+    ``--force``) gets new ids and commits anew.
+    """
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1. Found: {shard_size}")
+    tracks = list(tracks)
+    shards = []
+    for i in range(0, len(tracks), shard_size):
+        group = tuple(tracks[i : i + shard_size])
+        digest = hashlib.sha256("\n".join([run_id, *(t.track_id for t in group)]).encode()).hexdigest()[:16]
+        shards.append(Shard(f"shard-{digest}", group))
+    return shards

@@ -1,0 +1,320 @@
+"""Parquet manifests: explicit schemas, per-shard parts, create-once commit records, consolidated reads.
+
+Layout under a run's output root ``OUT``::
+
+    OUT/stems/<track_id>/<stem>.<ext>
+    OUT/manifests/_parts/<shard_id>/<attempt>/{tracks,stems,failures}.parquet   # one folder per attempt
+    OUT/manifests/_commits/<shard_id>.json                                       # written once: the winner
+    OUT/manifests/{tracks,stems,failures}.parquet                                # consolidated view
+
+An attempt writes its parts under a fresh ``attempt`` name, so attempts never overwrite each other.
+It then tries to *create* the shard's commit record (``If-None-Match: *`` on S3, a hard link on a
+local disk): exactly one attempt wins, the others' parts are orphans that no reader looks at.
+Readers (and the next run's plan) trust only parts named by a commit record. When a track appears in
+several commits (a ``--force`` rerun, two runs racing), the consolidated view keeps one row per track:
+an ``ok`` row over a ``failed`` one, then the latest commit.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.storage import StorageError, filesystem, is_remote, join, local_path, put_file
+
+SEGMENT = pa.struct([("start_s", pa.float64()), ("end_s", pa.float64())])
+
+TRACKS_SCHEMA = pa.schema(
+    [
+        ("track_id", pa.string()),
+        ("source_uri", pa.string()),
+        ("source_bytes", pa.int64()),
+        ("duration_s", pa.float64()),
+        ("sample_rate", pa.int32()),
+        ("channels", pa.int32()),
+        ("status", pa.string()),
+        ("model", pa.string()),
+        ("model_sha256", pa.string()),
+        ("settings_hash", pa.string()),
+        ("elapsed_s", pa.float64()),
+        ("committed_at", pa.timestamp("us", tz="UTC")),
+        ("shard_id", pa.string()),
+        ("attempt", pa.string()),
+    ]
+)
+
+STEMS_SCHEMA = pa.schema(
+    [
+        ("track_id", pa.string()),
+        ("stem", pa.string()),
+        ("uri", pa.string()),
+        ("format", pa.string()),
+        ("sample_rate", pa.int32()),
+        ("channels", pa.int32()),
+        ("num_frames", pa.int64()),
+        ("duration_s", pa.float64()),
+        ("rms_dbfs", pa.float64()),
+        ("present", pa.bool_()),
+        ("presence_score", pa.float64()),
+        ("active_segments", pa.list_(SEGMENT)),
+        ("attempt", pa.string()),
+    ]
+)
+
+FAILURES_SCHEMA = pa.schema(
+    [
+        ("track_id", pa.string()),
+        ("source_uri", pa.string()),
+        ("stage", pa.string()),
+        ("error_type", pa.string()),
+        ("message", pa.string()),
+        ("attempts", pa.int32()),
+        ("attempt", pa.string()),
+    ]
+)
+
+SCHEMAS = {"tracks": TRACKS_SCHEMA, "stems": STEMS_SCHEMA, "failures": FAILURES_SCHEMA}
+
+
+@dataclass
+class TrackRow:
+    """One row of ``tracks.parquet`` (``committed_at``, ``shard_id``, ``attempt`` are set at commit)."""
+
+    track_id: str
+    source_uri: str
+    source_bytes: int | None
+    duration_s: float | None
+    sample_rate: int | None
+    channels: int | None
+    status: str  # "ok" | "failed"
+    model: str
+    model_sha256: str | None
+    settings_hash: str
+    elapsed_s: float
+
+
+@dataclass
+class StemRow:
+    """One row of ``stems.parquet``; presence columns stay null until presence runs."""
+
+    track_id: str
+    stem: str
+    uri: str
+    format: str
+    sample_rate: int
+    channels: int
+    num_frames: int
+    duration_s: float
+    rms_dbfs: float
+    present: bool | None = None
+    presence_score: float | None = None
+    active_segments: list[dict] | None = None
+
+
+@dataclass
+class FailureRow:
+    """One row of ``failures.parquet``."""
+
+    track_id: str
+    source_uri: str
+    stage: str  # read | decode | separate | encode | write
+    error_type: str
+    message: str
+    attempts: int = 1
+
+
+@dataclass
+class ShardResult:
+    """Everything one attempt produced for one shard."""
+
+    shard_id: str
+    tracks: list[TrackRow] = field(default_factory=list)
+    stems: list[StemRow] = field(default_factory=list)
+    failures: list[FailureRow] = field(default_factory=list)
+
+
+def manifests_root(out: str) -> str:
+    return join(out, "manifests")
+
+
+def _table(rows: Iterable, schema: pa.Schema, extra: dict) -> pa.Table:
+    records = [{**asdict(r), **extra} for r in rows]
+    return pa.Table.from_pylist(records, schema=schema)
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    return buf.getvalue()
+
+
+def _write_bytes(uri: str, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".demix-", suffix=".part")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    try:
+        put_file(tmp, uri)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _create_once(uri: str, data: bytes) -> bool:
+    """Create ``uri`` with ``data`` only if it does not exist; True when this call created it."""
+    if is_remote(uri):
+        fs, path = filesystem(uri)
+        try:
+            fs.pipe_file(path, data, mode="create")
+            return True
+        except FileExistsError:
+            return False
+        except Exception as err:  # noqa: BLE001 - botocore's PreconditionFailed comes in several wrappers
+            if "PreconditionFailed" in repr(err) or "412" in str(err):
+                return False
+            raise StorageError(uri, f"{type(err).__name__}: {err}") from err
+    final = local_path(uri)
+    os.makedirs(os.path.dirname(os.path.abspath(final)), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".demix-", suffix=".part", dir=os.path.dirname(os.path.abspath(final)))
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        os.link(tmp, final)  # atomic create-if-absent on POSIX file systems
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        os.unlink(tmp)
+
+
+@dataclass(frozen=True)
+class Commit:
+    """A commit record: which attempt's parts hold a shard's rows."""
+
+    shard_id: str
+    attempt: str
+    committed_at: str
+    track_ids: tuple[str, ...]
+    parts: dict
+
+
+def commit_shard(out: str, result: ShardResult) -> Commit:
+    """Write ``result``'s parts under a fresh attempt name, then try to create the commit record.
+
+    Returns the commit that holds the shard after the call: this attempt's when it won, the earlier
+    winner's otherwise (its rows stand; this attempt's parts are ignored).
+    """
+    attempt = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:12]}"
+    now = datetime.now(timezone.utc)
+    root = manifests_root(out)
+    extra = {"attempt": attempt}
+    tables = {
+        "tracks": _table(result.tracks, TRACKS_SCHEMA, {**extra, "committed_at": now, "shard_id": result.shard_id}),
+        "stems": _table(result.stems, STEMS_SCHEMA, extra),
+        "failures": _table(result.failures, FAILURES_SCHEMA, extra),
+    }
+    parts = {}
+    for kind, table in tables.items():
+        uri = join(root, "_parts", result.shard_id, attempt, f"{kind}.parquet")
+        _write_bytes(uri, _parquet_bytes(table))
+        parts[kind] = uri
+    commit = Commit(
+        shard_id=result.shard_id, attempt=attempt, committed_at=now.isoformat(),
+        track_ids=tuple(r.track_id for r in result.tracks), parts=parts,
+    )
+    record = join(root, "_commits", f"{result.shard_id}.json")
+    if _create_once(record, json.dumps(asdict(commit), indent=1).encode()):
+        return commit
+    return _load_commit(record)
+
+
+def _load_commit(uri: str) -> Commit:
+    fs, path = filesystem(uri)
+    data = json.loads(fs.cat_file(path))
+    return Commit(**{**data, "track_ids": tuple(data["track_ids"])})
+
+
+def list_commits(out: str) -> list[Commit]:
+    """Every commit record under ``out`` (empty when nothing was committed yet)."""
+    fs, path = filesystem(join(manifests_root(out), "_commits"))
+    try:
+        names = [p for p in fs.ls(path, detail=False) if p.endswith(".json")]
+    except FileNotFoundError:
+        return []
+    if not names:
+        return []
+    blobs = fs.cat(names) if len(names) > 1 else {names[0]: fs.cat_file(names[0])}
+    commits = []
+    for name in sorted(blobs):
+        data = json.loads(blobs[name])
+        commits.append(Commit(**{**data, "track_ids": tuple(data["track_ids"])}))
+    return commits
+
+
+def _read_parts(commits: list[Commit], kind: str) -> pa.Table:
+    uris = [c.parts[kind] for c in commits]
+    if not uris:
+        return SCHEMAS[kind].empty_table()
+    fs, _ = filesystem(uris[0])
+    paths = [filesystem(u)[1] for u in uris]
+    blobs = fs.cat(paths) if len(paths) > 1 else {paths[0]: fs.cat_file(paths[0])}
+    tables = [pq.read_table(io.BytesIO(blobs[p])) for p in paths]
+    return pa.concat_tables([t.cast(SCHEMAS[kind]) for t in tables])
+
+
+def read_manifests(out: str) -> dict[str, pa.Table]:
+    """The consolidated, de-duplicated view of every committed shard: ``{"tracks", "stems", "failures"}``.
+
+    One ``tracks`` row per track id (``ok`` beats ``failed``, then the latest commit); ``stems``
+    rows of the chosen attempts; ``failures`` rows of tracks whose chosen row is ``failed``.
+    """
+    commits = list_commits(out)
+    tracks = _read_parts(commits, "tracks")
+    chosen: dict[str, dict] = {}
+    for row in tracks.to_pylist():
+        best = chosen.get(row["track_id"])
+        key = (row["status"] == "ok", row["committed_at"])
+        if best is None or key > (best["status"] == "ok", best["committed_at"]):
+            chosen[row["track_id"]] = row
+    winners = {(r["track_id"], r["attempt"]) for r in chosen.values()}
+    stems = [r for r in _read_parts(commits, "stems").to_pylist() if (r["track_id"], r["attempt"]) in winners]
+    failures = [
+        r for r in _read_parts(commits, "failures").to_pylist()
+        if (r["track_id"], r["attempt"]) in winners and chosen[r["track_id"]]["status"] == "failed"
+    ]
+    order = sorted(chosen)
+    return {
+        "tracks": pa.Table.from_pylist([chosen[k] for k in order], schema=TRACKS_SCHEMA),
+        "stems": pa.Table.from_pylist(sorted(stems, key=lambda r: (r["track_id"], r["stem"])), schema=STEMS_SCHEMA),
+        "failures": pa.Table.from_pylist(sorted(failures, key=lambda r: r["track_id"]), schema=FAILURES_SCHEMA),
+    }
+
+
+def committed_ok(out: str, settings_hash: str) -> set[str]:
+    """Track ids already committed with status ok for ``settings_hash`` (what a rerun may skip)."""
+    tracks = _read_parts(list_commits(out), "tracks")
+    return {
+        r["track_id"] for r in tracks.select(["track_id", "status", "settings_hash"]).to_pylist()
+        if r["status"] == "ok" and r["settings_hash"] == settings_hash
+    }
+
+
+def write_consolidated(out: str, tables: dict[str, pa.Table]) -> dict[str, str]:
+    """Write the consolidated view as ``OUT/manifests/<kind>.parquet`` (each file replaced atomically)."""
+    written = {}
+    for kind, table in tables.items():
+        uri = join(manifests_root(out), f"{kind}.parquet")
+        _write_bytes(uri, _parquet_bytes(table))
+        written[kind] = uri
+    return written

@@ -1,0 +1,106 @@
+"""What one catalog run does to one track, without Ray or Prefect (tests call it directly).
+
+:class:`RunSpec` is the whole description of a run's output (model, weights, settings, encoding,
+stems); its :meth:`RunSpec.settings_hash` decides whether a committed track can be skipped.
+:func:`process_track` separates one track into ``OUT/stems/<track_id>/`` and returns its manifest
+rows: a bad track becomes a failure row, it never raises.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+
+from models.base import Separator
+from pipeline.audio import Encoding
+from pipeline.catalog import Track
+from pipeline.manifest import FailureRow, StemRow, TrackRow
+from pipeline.separate import SeparationSettings, TrackError, plan_stems, separate_track
+from pipeline.storage import filesystem, join
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything that determines a run's stems (nothing secret: no credentials, no endpoints)."""
+
+    out: str
+    model: str
+    weights: str | None = None
+    weights_sha256: str | None = None
+    model_options: tuple[tuple[str, object], ...] = ()
+    settings: SeparationSettings = field(default_factory=SeparationSettings)
+    encoding: Encoding = field(default_factory=Encoding)
+    stems: tuple[str, ...] | None = None
+    two_stems: str | None = None
+
+    def load(self, device: str | None = None) -> Separator:
+        from models.registry import load_model
+
+        return load_model(
+            self.model, weights=self.weights, sha256=self.weights_sha256,
+            device=device or self.settings.device, **dict(self.model_options),
+        )
+
+    def settings_hash(self, model_sha256: str | None) -> str:
+        """Hash of what changes the stems: model, weights digest, options, settings, encoding, stems."""
+        payload = {
+            "model": self.model,
+            "weights_sha256": model_sha256,
+            "options": sorted((k, repr(v)) for k, v in self.model_options),
+            "settings": self.settings.hash_fields(),
+            "encoding": asdict(self.encoding),
+            "stems": self.stems,
+            "two_stems": self.two_stems,
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def stem_uri(out: str, track_id: str, stem: str, extension: str) -> str:
+    return join(out, "stems", track_id, f"{stem}.{extension}")
+
+
+def _source_bytes(uri: str) -> int | None:
+    try:
+        fs, path = filesystem(uri)
+        return int(fs.size(path))
+    except Exception:  # noqa: BLE001 - size is informative; the read stage reports real errors
+        return None
+
+
+def process_track(
+    model: Separator, track: Track, spec: RunSpec, *, settings_hash: str
+) -> tuple[TrackRow, list[StemRow], list[FailureRow]]:
+    """Separate ``track`` into ``spec.out/stems/<track_id>/``; return its manifest rows.
+
+    Never raises for a bad track: the failure becomes a ``FailureRow`` naming the stage.
+    """
+    started = time.perf_counter()
+    plan = plan_stems(model.sources, stems=spec.stems, two_stems=spec.two_stems)
+    outputs = {s: stem_uri(spec.out, track.track_id, s, spec.encoding.extension) for s in plan.names}
+    row = TrackRow(
+        track_id=track.track_id, source_uri=track.uri, source_bytes=_source_bytes(track.uri), duration_s=None,
+        sample_rate=None, channels=None, status="ok", model=spec.model,
+        model_sha256=getattr(model, "weights_sha256", None), settings_hash=settings_hash, elapsed_s=0.0,
+    )
+    try:
+        result = separate_track(model, track.uri, outputs, plan=plan, encoding=spec.encoding, settings=spec.settings)
+    except TrackError as err:
+        row.status = "failed"
+        row.elapsed_s = time.perf_counter() - started
+        message = str(err.cause)[:2000]
+        return row, [], [FailureRow(track.track_id, track.uri, err.stage, err.error_type, message)]
+    row.duration_s = result.duration_s
+    row.sample_rate = result.source_sample_rate
+    row.channels = result.source_channels
+    row.elapsed_s = time.perf_counter() - started
+    stems = [
+        StemRow(
+            track_id=track.track_id, stem=stem, uri=uri, format=spec.encoding.format,
+            sample_rate=model.sample_rate, channels=model.audio_channels, num_frames=result.num_frames,
+            duration_s=result.duration_s, rms_dbfs=result.rms_dbfs[stem],
+        )
+        for stem, uri in result.stems.items()
+    ]
+    return row, stems, []

@@ -1,0 +1,165 @@
+"""The Ray layer, and the only module that imports ray.
+
+A catalog run is one streaming Ray Data job: the pending tracks become a dataset, ``map_batches``
+sends them through a pool of :class:`SeparatorActor` (each loads its model once: one actor per GPU
+with ``num_gpus=1`` when the cluster has GPUs, ``workers`` CPU actors otherwise), and the driver
+iterates the results as they finish. Ray Data restarts a dead actor and retries its batch
+(``max_restarts=-1``, ``max_task_retries=-1``), so a track can be *computed* twice; it is *recorded*
+once because stems go to deterministic keys and rows reach the manifests only through a shard commit.
+
+Why Ray Data rather than a hand-made actor pool: it streams (bounded objects in flight), restarts
+actors and retries their batches, sizes one pool for CPUs or GPUs, and scales to a cluster with
+``--ray-address`` unchanged. Decoding and encoding overlap with model compute inside each actor
+(:func:`pipeline.separate.separate_track` runs them in threads around the model).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+
+from pipeline.catalog import Shard, Track
+from pipeline.manifest import FailureRow, ShardResult, StemRow, TrackRow
+from pipeline.run import RunSpec, process_track
+
+
+@dataclass(frozen=True)
+class Resources:
+    """How the actor pool is sized."""
+
+    actors: int
+    gpus_per_actor: float
+    cpus_per_actor: float
+    device: str
+
+
+def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
+    """Join ``address`` (``auto``, ``ray://host:10001``, ``host:6379``) or start a local instance."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    kwargs: dict = {"include_dashboard": False, "log_to_driver": True, "configure_logging": False}
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=num_cpus, **kwargs)
+
+
+def plan_resources(workers: int | None = None, device: str = "auto") -> Resources:
+    """One actor per GPU when the cluster has GPUs (and ``device`` allows), else ``workers`` CPU actors."""
+    import ray
+
+    total = ray.cluster_resources()
+    gpus = int(total.get("GPU", 0))
+    cpus = max(1, int(total.get("CPU", os.cpu_count() or 1)))
+    if gpus > 0 and device in ("auto", "cuda"):
+        n = min(workers, gpus) if workers else gpus
+        return Resources(actors=n, gpus_per_actor=1.0, cpus_per_actor=1.0, device="cuda")
+    n = workers or 1
+    return Resources(actors=n, gpus_per_actor=0.0, cpus_per_actor=max(1.0, float(cpus // n)), device="cpu")
+
+
+class SeparatorActor:
+    """Loads the model once in ``__init__``; ``__call__`` separates a batch of tracks.
+
+    Delegates all work to :func:`pipeline.run.process_track`, which tests call without Ray.
+    """
+
+    def __init__(self, spec: RunSpec, settings_hash: str, device: str, threads: int) -> None:
+        import torch
+
+        from dataclasses import replace
+
+        torch.set_num_threads(max(1, threads))
+        spec = replace(spec, settings=replace(spec.settings, device=device))  # chunks go where the model is
+        self.spec = spec
+        self.settings_hash = settings_hash
+        self.model = spec.load(device=device)
+
+    def __call__(self, batch: dict) -> dict:
+        out: dict[str, list] = {"shard_id": [], "track_id": [], "result": []}
+        for shard_id, track_id, uri in zip(batch["shard_id"], batch["track_id"], batch["uri"]):
+            row, stems, failures = process_track(
+                self.model, Track(str(track_id), str(uri)), self.spec, settings_hash=self.settings_hash
+            )
+            out["shard_id"].append(str(shard_id))
+            out["track_id"].append(str(track_id))
+            out["result"].append(
+                json.dumps({"track": asdict(row), "stems": [asdict(s) for s in stems], "failures": [asdict(f) for f in failures]})
+            )
+        return out
+
+
+def _decode(result: str) -> tuple[TrackRow, list[StemRow], list[FailureRow]]:
+    data = json.loads(result)
+    return TrackRow(**data["track"]), [StemRow(**s) for s in data["stems"]], [FailureRow(**f) for f in data["failures"]]
+
+
+def run_shards(
+    shards: Sequence[Shard],
+    spec: RunSpec,
+    settings_hash: str,
+    *,
+    resources: Resources,
+    on_shard: Callable[[ShardResult], None],
+    on_track: Callable[[TrackRow], None] | None = None,
+    actor_cls: type = SeparatorActor,
+) -> int:
+    """Separate every track of ``shards`` on the actor pool; call ``on_shard`` as each shard completes.
+
+    Returns the number of tracks processed. Shards complete in any order; ``on_shard`` (the commit)
+    runs on the driver.
+    """
+    import ray
+    from ray.data import DataContext
+
+    items = [{"shard_id": s.shard_id, "track_id": t.track_id, "uri": t.uri} for s in shards for t in s.tracks]
+    if not items:
+        return 0
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    pending = {s.shard_id: len(s.tracks) for s in shards}
+    results = {s.shard_id: ShardResult(s.shard_id) for s in shards}
+    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 4 * resources.actors * 8)))
+    ds = ds.map_batches(
+        actor_cls,
+        fn_constructor_kwargs={
+            "spec": spec, "settings_hash": settings_hash, "device": resources.device,
+            "threads": int(resources.cpus_per_actor),
+        },
+        batch_size=1,
+        compute=ray.data.ActorPoolStrategy(size=resources.actors),
+        num_gpus=resources.gpus_per_actor or None,
+        num_cpus=resources.cpus_per_actor,
+    )  # Ray Data gives pool actors max_restarts=-1 and max_task_retries=-1: a dead actor's batch is retried
+    done = 0
+    for row in _iter_rows(ds):
+        track, stems, failures = _decode(row["result"])
+        shard = results[row["shard_id"]]
+        if any(t.track_id == track.track_id for t in shard.tracks):
+            continue  # a retried batch delivered twice: keep the first
+        shard.tracks.append(track)
+        shard.stems.extend(stems)
+        shard.failures.extend(failures)
+        done += 1
+        if on_track is not None:
+            on_track(track)
+        pending[row["shard_id"]] -= 1
+        if pending[row["shard_id"]] == 0:
+            on_shard(results.pop(row["shard_id"]))
+    return done
+
+
+def _iter_rows(ds) -> Iterator[dict]:
+    yield from ds.iter_rows()
+
+
+def shutdown_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
