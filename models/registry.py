@@ -169,4 +169,20 @@ UNET = register(
     )
 )
 
+def _mixture(*, segment: float = 10.0) -> Separator:
+    from models.oracle import MixtureCopy
+
+    return MixtureCopy(segment=segment)
+
+
+MIXTURE = register(
+    ModelEntry(
+        name="mixture",
+        factory=_mixture,
+        sample_rate=44100,
+        sources=("vocals", "drums", "bass", "other"),
+        description="baseline: every stem is the mixture (the evaluation floor; zero-cost model for pipeline benchmarks)",
+    )
+)
+
 DEFAULT_MODEL = "unet"

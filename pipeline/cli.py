@@ -167,7 +167,7 @@ def cmd_separate(args: argparse.Namespace) -> int:
     except (ModelLoadError, ValueError) as err:
         print(f"demix: error: {err}", file=sys.stderr)
         return 2
-    if model.weights_uri is None:
+    if model.weights_uri is None and any(True for _ in model.parameters()):
         print(
             f"demix: warning: model {args.model!r} has no trained weights yet; its stems are not meaningful "
             "(pass --weights or use a trained model)",
