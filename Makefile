@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.demix-installed
-APT_PACKAGES := ffmpeg fluidsynth fluid-soundfont-gm libsndfile1
+APT_PACKAGES := ffmpeg fluidsynth fluid-soundfont-gm libsndfile1 espeak-ng
 DEMO_DIR ?= demo_out
 PYTEST_ARGS ?=
 
