@@ -12,10 +12,10 @@ PYTEST_ARGS ?=
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: demo test install system-deps bench clean help
+.PHONY: demo demo-rerun test install system-deps bench clean help
 
 help:
-	@echo "make demo   set up .venv and separate a few generated clips (offline, CPU)"
+	@echo "make demo   set up .venv, generate a small catalog and separate it with the catalog flow (offline, CPU)"
 	@echo "make test   set up .venv and run the test suite"
 	@echo "make bench  run bench/separate_bench.py (by hand; needs the bench extra)"
 
@@ -41,9 +41,15 @@ install: system-deps $(STAMP)
 
 demo: install
 	rm -rf $(DEMO_DIR)
-	$(PY) -m pipeline.synth demo $(DEMO_DIR)/in
-	$(VENV)/bin/demix separate $(DEMO_DIR)/in -o $(DEMO_DIR)/stems
-	@echo; echo "stems written under $(DEMO_DIR)/stems:"; find $(DEMO_DIR)/stems -type f | sort
+	$(PY) -m pipeline.synth demo-catalog $(DEMO_DIR)/catalog
+	@# exit status 1 means "some tracks failed": expected here, the catalog holds one corrupt file
+	$(VENV)/bin/demix run $(DEMO_DIR)/catalog/catalog.csv -o $(DEMO_DIR)/run --workers 2; rc=$$?; [ $$rc -le 1 ]
+	@echo; echo "stems:     $(DEMO_DIR)/run/stems/<track_id>/<stem>.wav"; \
+	echo "manifests: $(DEMO_DIR)/run/manifests/{tracks,stems,failures}.parquet"; \
+	echo "rerun 'make demo-rerun' to see committed tracks skipped"
+
+demo-rerun: install
+	$(VENV)/bin/demix run $(DEMO_DIR)/catalog/catalog.csv -o $(DEMO_DIR)/run --workers 2; rc=$$?; [ $$rc -le 1 ]
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)

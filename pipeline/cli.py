@@ -97,6 +97,67 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--shard-size", type=int, default=16, help="tracks per commit (default: 16)")
     run.add_argument("--force", action="store_true", help="redo tracks already committed")
 
+    syn = sub.add_parser(
+        "synth",
+        help="render a synthetic multitrack dataset (MUSDB layout) with FluidSynth",
+        description=(
+            "Render Slakh-style songs with FluidSynth and a General MIDI soundfont (drums, bass, other, "
+            "espeak-ng sung vocals) into OUT/<track>/{mixture,vocals,drums,bass,other}.wav plus OUT/truth.json. "
+            "Deterministic per seed; the mixture is exactly the sum of the stems; a share of tracks leaves stems out."
+        ),
+    )
+    syn.add_argument("out", metavar="OUT")
+    syn.add_argument("--tracks", type=int, default=10, help="number of songs (default: 10)")
+    syn.add_argument("--seconds", type=float, default=30.0, help="length of each song (default: 30)")
+    syn.add_argument("--seed", type=int, default=0, help="dataset seed (default: 0)")
+    syn.add_argument("--sample-rate", type=int, default=44100, help="(default: 44100)")
+    syn.add_argument("--absent-share", type=float, default=0.25, help="share of songs with stems left out (default: 0.25)")
+    syn.add_argument("--soundfont", help="GM soundfont (default: Debian's FluidR3_GM.sf2 or $DEMIX_SOUNDFONT)")
+    syn.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    tr = sub.add_parser(
+        "train",
+        help="train a registered model on a MUSDB-layout dataset",
+        description=(
+            "Train a registered model (e.g. the U-Net) on a MUSDB-layout folder with Demucs-style augmentation. "
+            "Logs loss and validation SDR to OUT/log.jsonl, checkpoints OUT/state.pt (resumable: rerun the same "
+            "command), keeps the best weights as OUT/best.safetensors with OUT/best.json (sha256 inside). "
+            "--export DIR writes <model>-<sha8>.safetensors ready for --weights."
+        ),
+    )
+    tr.add_argument("dataset", metavar="DATASET", help="folder of track folders (for MUSDB18-HQ: its train/)")
+    tr.add_argument("-o", "--out", required=True, help="run folder (state, logs, best weights)")
+    tr.add_argument("-m", "--model", default="unet", help="registered model to train (default: unet)")
+    tr.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="model option, e.g. channels=8 (repeatable)")
+    tr.add_argument("--valid", metavar="DATASET", help="validation folder (default: hold out 10%% of DATASET)")
+    tr.add_argument("--steps", type=int, default=10000)
+    tr.add_argument("--batch-size", type=int, default=8)
+    tr.add_argument("--lr", type=float, default=3e-4)
+    tr.add_argument("--excerpt", type=float, default=6.0, help="training excerpt seconds (default: 6)")
+    tr.add_argument("--valid-every", type=int, default=500)
+    tr.add_argument("--checkpoint-every", type=int, default=250)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    tr.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    tr.add_argument("--export", metavar="DIR", help="after training, export the best weights to DIR")
+    tr.add_argument("--half", action="store_true", help="export in float16 (half the size)")
+    tr.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    ev = sub.add_parser(
+        "evaluate",
+        parents=[common],
+        help="score a model on a MUSDB-layout dataset (museval v4 SDR/SIR/SAR, SI-SDR)",
+        description=(
+            "Separate every track of DATASET (a folder of <track>/{mixture,vocals,drums,bass,other}.wav; for "
+            "MUSDB18-HQ its test/) and score each stem with BSS Eval v4 as museval does (1 s windows, median over "
+            "windows, then median over tracks) plus SI-SDR. --model mixture and --model irm are the oracle floor "
+            "and ceiling. Writes OUT/scores.parquet, OUT/summary.md and OUT/summary.html. Silent reference stems "
+            "are left out and counted."
+        ),
+    )
+    ev.add_argument("dataset", metavar="DATASET")
+    ev.add_argument("-o", "--out", required=True, help="report folder")
+
     sub.add_parser("models", help="list registered models", description="List registered models and where their weights live.")
     return parser
 
@@ -253,12 +314,117 @@ def print_run_summary(summary: dict, out: str) -> None:
         print(f"  failed [{f['stage']}] {f['source_uri']}: {f['error_type']}: {f['message'][:160]}")
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from models.base import ModelLoadError
+    from models.registry import load_model
+    from pipeline.evaluate import evaluate_dataset, model_estimator
+    from pipeline.separate import SeparationSettings
+
+    try:
+        if args.model in ("mixture", "irm") and not args.weights:
+            estimator = args.model  # the oracles, computed from the references
+        else:
+            settings = SeparationSettings(**_settings_kwargs(args), device=_device(args.device))
+            options = {"phase": args.phase} if args.phase else {}
+            model = load_model(args.model, weights=args.weights, sha256=args.weights_sha256, device=settings.device, **options)
+            estimator = model_estimator(model, settings)
+        with tqdm(unit="track", disable=args.no_progress) as bar:
+
+            def progress(track: str, done: int, total: int) -> None:
+                bar.total = total
+                bar.n = done
+                bar.set_postfix_str(track[:40])
+                bar.refresh()
+
+            report = evaluate_dataset(args.dataset, estimator, out=args.out, progress=progress, title=f"demix evaluate: {args.model}")
+    except (ValueError, ModelLoadError, FileNotFoundError) as err:
+        print(f"demix: error: {err}", file=sys.stderr)
+        return 2
+    print(f"demix evaluate: {args.model} on {args.dataset} (median over tracks of median over 1 s windows, dB)")
+    print(f"  {'stem':<8} {'SDR':>7} {'SIR':>7} {'SAR':>7} {'SI-SDR':>7}  tracks (silent left out)")
+    for stem, m in report.medians.items():
+        print(
+            f"  {stem:<8} {m.get('sdr', float('nan')):7.2f} {m.get('sir', float('nan')):7.2f} "
+            f"{m.get('sar', float('nan')):7.2f} {m.get('si_sdr', float('nan')):7.2f}  {m.get('scored', m.get('tracks'))}"
+        )
+    if report.silent:
+        print(f"  silent reference stems left out: {len(report.silent)}")
+    for kind, path in report.paths.items():
+        print(f"  {kind}: {path}")
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from pipeline.synth import SynthConfig, SynthError, synth_dataset
+
+    try:
+        config = SynthConfig(
+            tracks=args.tracks, seconds=args.seconds, seed=args.seed, sample_rate=args.sample_rate,
+            absent_share=args.absent_share, soundfont=args.soundfont,
+        )
+        with tqdm(total=config.tracks, unit="song", disable=args.no_progress) as bar:
+            truth = synth_dataset(args.out, config, progress=bar.update)
+    except (ValueError, SynthError) as err:
+        print(f"demix: error: {err}", file=sys.stderr)
+        return 2
+    absent = sum(not all(t.values()) for t in truth.values())
+    print(f"demix synth: {len(truth)} songs in {args.out} ({absent} with stems left out; see truth.json)")
+    return 0
+
+
+def _parse_option(text: str):
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ValueError(f"--option expects KEY=VALUE. Found: {text!r}")
+    for cast in (int, float):
+        try:
+            return key, cast(value)
+        except ValueError:
+            pass
+    return key, {"true": True, "false": False}.get(value.lower(), value)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import json
+
+    from models.base import ModelLoadError
+    from pipeline.train import TrainConfig, export_checkpoint, train
+
+    try:
+        config = TrainConfig(
+            dataset=args.dataset, model=args.model, model_options=dict(_parse_option(o) for o in args.option),
+            valid_dataset=args.valid, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+            excerpt_seconds=args.excerpt, valid_every=args.valid_every, checkpoint_every=args.checkpoint_every,
+            seed=args.seed, device=args.device, num_threads=args.threads,
+        )
+
+        def log(record: dict) -> None:
+            if "valid_sdr" in record:
+                print(json.dumps(record), flush=True)
+
+        best = train(config, args.out, log=log, progress=not args.no_progress)
+        print(f"demix train: best weights {best}")
+        if args.export:
+            path, digest = export_checkpoint(args.out, args.export, half=args.half)
+            print(f"demix train: exported {path} (sha256 {digest})")
+    except (ValueError, ModelLoadError) as err:
+        print(f"demix: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``demix`` console script; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    handlers = {"separate": cmd_separate, "run": cmd_run, "models": cmd_models}
+    handlers = {
+        "separate": cmd_separate, "run": cmd_run, "evaluate": cmd_evaluate, "synth": cmd_synth, "train": cmd_train, "models": cmd_models,
+    }
     return handlers[args.command](args)
 
 

@@ -1318,12 +1318,43 @@ def synth_dataset(out: str | Path, config: SynthConfig, *,
     return truth
 
 
+def write_demo_catalog(folder: str | Path, *, tracks: int = 3, seconds: float = 12.0, seed: int = 0) -> Path:
+    """A small catalog for ``make demo``: synthetic songs, awkward names, one corrupt file.
+
+    Writes ``folder/songs/`` (MUSDB layout), ``folder/extra/`` (assorted formats and names), a
+    truncated FLAC, and ``folder/catalog.csv`` (``uri,track_id``, uris relative to the CSV).
+    Returns the CSV's path.
+    """
+    import csv
+
+    import soundfile as sf
+
+    folder = Path(folder)
+    synth_dataset(folder / "songs", SynthConfig(tracks=tracks, seconds=seconds, seed=seed, absent_share=0.34))
+    extra = write_demo_inputs(folder / "extra", seed)
+    broken = folder / "extra" / "broken (truncated).flac"
+    sf.write(broken, toy_song(4.0, 44100, seed)["mixture"].T, 44100, subtype="PCM_16")
+    broken.write_bytes(broken.read_bytes()[: broken.stat().st_size // 3])
+    rows = [(f"songs/{track_name(i)}/mixture.wav", track_name(i)) for i in range(tracks)]
+    rows += [(str(p.relative_to(folder)), "") for p in [*extra, broken]]
+    path = folder / "catalog.csv"
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["uri", "track_id"])
+        writer.writerows(rows)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.synth", description="write generated audio")
     sub = parser.add_subparsers(dest="what", required=True)
     demo = sub.add_parser("demo", help="a few toy mixtures in assorted formats and names")
     demo.add_argument("out")
     demo.add_argument("--seed", type=int, default=0)
+    cat = sub.add_parser("demo-catalog", help="the make-demo catalog: synthetic songs, odd names, one corrupt file")
+    cat.add_argument("out")
+    cat.add_argument("--tracks", type=int, default=3)
+    cat.add_argument("--seconds", type=float, default=12.0)
     data = sub.add_parser("dataset", help="synthetic multitrack songs in MUSDB layout (needs fluidsynth)")
     data.add_argument("out", help="output folder: OUT/<track>/{mixture,vocals,drums,bass,other}.wav, OUT/truth.json")
     data.add_argument("--tracks", type=int, default=SynthConfig.tracks, help="number of songs (default: %(default)s)")
@@ -1339,6 +1370,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.what == "demo":
         for p in write_demo_inputs(args.out, args.seed):
             print(p)
+        return 0
+    if args.what == "demo-catalog":
+        try:
+            print(write_demo_catalog(args.out, tracks=args.tracks, seconds=args.seconds))
+        except (SynthError, ValueError) as err:
+            print(f"pipeline.synth: {err}", file=sys.stderr)
+            return 1
         return 0
     try:
         config = SynthConfig(
