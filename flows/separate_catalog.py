@@ -1,11 +1,13 @@
 """The catalog flow: plan -> execute (Ray) -> commit (per shard) -> report. Thin: each task calls one
 pipeline function. Runs on Prefect's ephemeral API by default, or on a Prefect server when
 ``PREFECT_API_URL`` is set. Storage endpoints and credentials come from the standard AWS environment
-and config files, never from flow parameters (Prefect stores parameters).
+and config files, never from flow parameters (Prefect stores parameters). ``registry_module`` (see
+:class:`pipeline.run.RunSpec`) lets a run use models registered outside :mod:`models.registry`.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 import uuid
@@ -15,11 +17,13 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from models.base import ModelLoadError
 from pipeline import catalog as cat
 from pipeline import manifest, workers
 from pipeline.audio import Encoding
 from pipeline.run import RunSpec
 from pipeline.separate import SeparationSettings
+from pipeline.storage import StorageError, is_remote, local_path
 
 
 @dataclass(frozen=True)
@@ -31,7 +35,19 @@ class Plan:
     model_sha256: str | None
 
 
-@task(retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE)
+_PERMANENT = (cat.CatalogError, ModelLoadError, ValueError, TypeError, FileNotFoundError, PermissionError)
+
+
+def retryable(task, task_run, state) -> bool:
+    """Prefect ``retry_condition_fn``: retry unless the error is one no retry can fix (a bad catalog,
+    model or argument, or a storage error caused by a missing or forbidden file)."""
+    err = state.result(raise_on_failure=False)
+    if isinstance(err, StorageError):
+        err = err.__cause__
+    return not isinstance(err, _PERMANENT)
+
+
+@task(retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retryable, cache_policy=NO_CACHE)
 def plan(catalog: str, spec: RunSpec, shard_size: int, force: bool) -> Plan:
     """Read the catalog, drop tracks already committed for the same settings, cut the rest into shards."""
     model = spec.load(device="cpu")  # resolves and verifies the weights once, for the settings hash
@@ -45,7 +61,7 @@ def plan(catalog: str, spec: RunSpec, shard_size: int, force: bool) -> Plan:
     return Plan(shards, len(tracks), len(tracks) - len(pending), settings_hash, digest)
 
 
-@task(retries=3, retry_delay_seconds=[1, 5, 15], cache_policy=NO_CACHE)
+@task(retries=3, retry_delay_seconds=[1, 5, 15], retry_condition_fn=retryable, cache_policy=NO_CACHE)
 def commit(out: str, result: manifest.ShardResult) -> manifest.Commit:
     """Write one shard's parts and create its commit record (one attempt wins)."""
     return manifest.commit_shard(out, result)
@@ -86,7 +102,7 @@ def execute(
     return stats
 
 
-@task(retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE)
+@task(retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retryable, cache_policy=NO_CACHE)
 def report(out: str, the_plan: Plan, stats: dict) -> dict:
     """Consolidate the committed manifests and publish a Markdown artifact."""
     tables = manifest.read_manifests(out)
@@ -151,13 +167,15 @@ def separate_catalog(
     shard_size: int = 16,
     force: bool = False,
     progress: bool = True,
+    registry_module: str | None = None,
 ) -> dict:
     """Separate every track of ``catalog`` into ``out``: exactly once, resumable, with a report."""
+    out = out.rstrip("/") if is_remote(out) else os.path.abspath(local_path(out))  # Ray workers may run elsewhere
     spec = RunSpec(
-        out=out.rstrip("/"), model=model, weights=weights, weights_sha256=weights_sha256,
+        out=out, model=model, weights=weights, weights_sha256=weights_sha256,
         model_options=tuple(sorted((model_options or {}).items())),
         settings=SeparationSettings(**{**(settings or {}), "device": "cpu"}), encoding=Encoding(**(encoding or {})),
-        stems=tuple(stems) if stems else None, two_stems=two_stems,
+        stems=tuple(stems) if stems else None, two_stems=two_stems, registry_module=registry_module,
     )
     the_plan = plan(catalog, spec, shard_size, force)
     stats = execute(the_plan, spec, workers_count, device, ray_address, progress)

@@ -1,9 +1,10 @@
 """Catalogs: which tracks to separate, with stable ids, cut into shards.
 
 A catalog is a folder, a glob, an fsspec URI, or a CSV/Parquet table with a ``uri`` column (and an
-optional ``track_id`` column). Track ids are stable and safe: derived from the source URI (a readable
-slug of the file name plus 12 hex digits of the URI's sha256), or the user's own id reduced to the
-characters ``[A-Za-z0-9._-]``. An id never contains a path separator and never starts with a dot,
+optional ``track_id`` column); a relative ``uri`` in a table is relative to the table's folder.
+Track ids are stable and safe: derived from the source URI (a readable slug of the file name plus
+12 hex digits of the URI's sha256), or the user's own id reduced to the characters
+``[A-Za-z0-9._-]``. An id never contains a path separator and never starts with a dot,
 so no source name can write outside the output root.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import re
 import unicodedata
 from collections.abc import Iterable, Sequence
@@ -59,6 +61,7 @@ def safe_track_id(user_id: str) -> str:
 
 
 def _read_table(uri: str) -> list[dict]:
+    import pyarrow as pa
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
@@ -68,26 +71,39 @@ def _read_table(uri: str) -> list[dict]:
             data = f.read()
     except FileNotFoundError as err:
         raise StorageError(uri, "no such file", stage="read") from err
-    if uri.lower().endswith(".csv"):
-        table = pacsv.read_csv(io.BytesIO(data))
-    else:
-        table = pq.read_table(io.BytesIO(data))
+    except Exception as err:  # noqa: BLE001 - backends raise many types (PermissionError, botocore...)
+        raise StorageError(uri, f"{type(err).__name__}: {err}", stage="read") from err
+    try:
+        if uri.lower().endswith(".csv"):
+            # ids and URIs are text: "007" must not become the integer 7
+            text = {"uri": pa.string(), "track_id": pa.string()}
+            table = pacsv.read_csv(io.BytesIO(data), convert_options=pacsv.ConvertOptions(column_types=text))
+        else:
+            table = pq.read_table(io.BytesIO(data))
+    except (pa.ArrowException, ValueError) as err:
+        raise CatalogError(f"catalog table {uri} cannot be parsed: {err}") from err
     if "uri" not in table.column_names:
         raise CatalogError(f"catalog table {uri} has no 'uri' column (columns: {', '.join(table.column_names)})")
     return table.to_pylist()
 
 
 def _resolve(uri: str, base: str) -> str:
-    """Relative URIs in a catalog table are relative to the table's folder."""
-    if "://" in uri or uri.startswith("/"):
-        return uri
-    parent = base.rsplit("/", 1)[0] if "/" in base else "."
-    return f"{parent}/{uri}"
+    """Relative URIs in a catalog table are relative to the table's folder; local paths come out
+    absolute and normalised (``base`` is absolute when local, see :func:`read_catalog`)."""
+    if "://" not in uri and not uri.startswith("/"):
+        parent = base.rsplit("/", 1)[0] if "/" in base else "."
+        uri = f"{parent}/{uri}"
+    return uri if is_remote(uri) else os.path.normpath(local_path(uri))
 
 
 def read_catalog(catalog: str | Sequence[str]) -> list[Track]:
-    """Tracks of a catalog (see module docstring), sorted by id; duplicate ids are an error."""
+    """Tracks of a catalog (see module docstring), sorted by id; duplicate ids are an error.
+
+    Local paths are made absolute first, so a track's URI (and the id derived from it) is the same
+    whatever the working directory, and Ray workers, which may run elsewhere, can open it.
+    """
     items = [catalog] if isinstance(catalog, str) else list(catalog)
+    items = [item if is_remote(item) else os.path.abspath(local_path(item)) for item in items]
     tracks: list[Track] = []
     for item in items:
         is_table = item.lower().endswith(_TABLE_SUFFIXES) and (

@@ -5,6 +5,7 @@ Layout under a run's output root ``OUT``::
     OUT/stems/<track_id>/<stem>.<ext>
     OUT/manifests/_parts/<shard_id>/<attempt>/{tracks,stems,failures}.parquet   # one folder per attempt
     OUT/manifests/_commits/<shard_id>.json                                       # written once: the winner
+                                                   # (names its parts relative to OUT/manifests)
     OUT/manifests/{tracks,stems,failures}.parquet                                # consolidated view
 
 An attempt writes its parts under a fresh ``attempt`` name, so attempts never overwrite each other.
@@ -159,14 +160,41 @@ def _parquet_bytes(table: pa.Table) -> bytes:
 
 
 def _write_bytes(uri: str, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".demix-", suffix=".part")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
+    """Write ``data`` to ``uri`` atomically (see :func:`pipeline.storage.put_file`).
+
+    A local target is staged in its own folder, so the final ``os.replace`` never crosses file
+    systems (a temp file under ``/tmp`` cannot be renamed onto another mount).
+    """
+    folder = None if is_remote(uri) else os.path.dirname(os.path.abspath(local_path(uri)))
     try:
+        if folder is not None:
+            os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".demix-", suffix=".part", dir=folder)
+    except OSError as err:
+        raise StorageError(uri, f"{type(err).__name__}: {err}") from err
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         put_file(tmp, uri)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _lost_race(err: BaseException) -> bool:
+    """True when ``err`` (or an error it wraps) is S3's answer to a conditional create of an existing key."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, FileExistsError):
+            return True
+        response = getattr(seen, "response", None)
+        if isinstance(response, dict):
+            code = response.get("Error", {}).get("Code")
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code == "PreconditionFailed" or status == 412:
+                return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _create_once(uri: str, data: bytes) -> bool:
@@ -176,31 +204,39 @@ def _create_once(uri: str, data: bytes) -> bool:
         try:
             fs.pipe_file(path, data, mode="create")
             return True
-        except FileExistsError:
-            return False
         except Exception as err:  # noqa: BLE001 - botocore's PreconditionFailed comes in several wrappers
-            if "PreconditionFailed" in repr(err) or "412" in str(err):
+            if _lost_race(err):
                 return False
             raise StorageError(uri, f"{type(err).__name__}: {err}") from err
-    final = local_path(uri)
-    os.makedirs(os.path.dirname(os.path.abspath(final)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".demix-", suffix=".part", dir=os.path.dirname(os.path.abspath(final)))
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    final = os.path.abspath(local_path(uri))
     try:
+        os.makedirs(os.path.dirname(final), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".demix-", suffix=".part", dir=os.path.dirname(final))
+    except OSError as err:
+        raise StorageError(uri, f"{type(err).__name__}: {err}") from err
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         os.link(tmp, final)  # atomic create-if-absent on POSIX file systems
         return True
     except FileExistsError:
         return False
+    except OSError as err:
+        raise StorageError(uri, f"{type(err).__name__}: {err}") from err
     finally:
         os.unlink(tmp)
 
 
 @dataclass(frozen=True)
 class Commit:
-    """A commit record: which attempt's parts hold a shard's rows."""
+    """A commit record: which attempt's parts hold a shard's rows.
+
+    ``parts`` maps each kind to its part's key *relative to* ``OUT/manifests`` (e.g.
+    ``_parts/<shard>/<attempt>/tracks.parquet``), so an output root stays readable when it is
+    copied or moved, or named by another spelling (a relative path, another working directory).
+    """
 
     shard_id: str
     attempt: str
@@ -226,9 +262,9 @@ def commit_shard(out: str, result: ShardResult) -> Commit:
     }
     parts = {}
     for kind, table in tables.items():
-        uri = join(root, "_parts", result.shard_id, attempt, f"{kind}.parquet")
-        _write_bytes(uri, _parquet_bytes(table))
-        parts[kind] = uri
+        key = f"_parts/{result.shard_id}/{attempt}/{kind}.parquet"
+        _write_bytes(join(root, key), _parquet_bytes(table))
+        parts[kind] = key
     commit = Commit(
         shard_id=result.shard_id, attempt=attempt, committed_at=now.isoformat(),
         track_ids=tuple(r.track_id for r in result.tracks), parts=parts,
@@ -239,37 +275,45 @@ def commit_shard(out: str, result: ShardResult) -> Commit:
     return _load_commit(record)
 
 
+def _commit_from_json(data: bytes) -> Commit:
+    record = json.loads(data)
+    return Commit(**{**record, "track_ids": tuple(record["track_ids"])})
+
+
 def _load_commit(uri: str) -> Commit:
     fs, path = filesystem(uri)
-    data = json.loads(fs.cat_file(path))
-    return Commit(**{**data, "track_ids": tuple(data["track_ids"])})
+    return _commit_from_json(fs.cat_file(path))
+
+
+def _cat_many(fs, paths: list[str]) -> list[bytes]:
+    """Whole contents of ``paths``, concurrently on object stores. Unlike ``fs.cat(list)`` this does
+    not expand glob characters, so an output root named ``out [1]`` or ``take*`` reads correctly."""
+    if not paths:
+        return []
+    blobs = fs.cat_ranges(paths, None, None, on_error="return")
+    for path, blob in zip(paths, blobs):
+        if isinstance(blob, BaseException):
+            raise StorageError(path, f"{type(blob).__name__}: {blob}", stage="read") from blob
+    return blobs
 
 
 def list_commits(out: str) -> list[Commit]:
-    """Every commit record under ``out`` (empty when nothing was committed yet)."""
+    """Every commit record under ``out`` (empty when nothing was committed yet), sorted by shard id."""
     fs, path = filesystem(join(manifests_root(out), "_commits"))
     try:
-        names = [p for p in fs.ls(path, detail=False) if p.endswith(".json")]
+        names = sorted(p for p in fs.ls(path, detail=False, refresh=True) if p.endswith(".json"))
     except FileNotFoundError:
         return []
-    if not names:
-        return []
-    blobs = fs.cat(names) if len(names) > 1 else {names[0]: fs.cat_file(names[0])}
-    commits = []
-    for name in sorted(blobs):
-        data = json.loads(blobs[name])
-        commits.append(Commit(**{**data, "track_ids": tuple(data["track_ids"])}))
-    return commits
+    return [_commit_from_json(blob) for blob in _cat_many(fs, names)]
 
 
-def _read_parts(commits: list[Commit], kind: str) -> pa.Table:
-    uris = [c.parts[kind] for c in commits]
-    if not uris:
+def _read_parts(out: str, commits: list[Commit], kind: str) -> pa.Table:
+    if not commits:
         return SCHEMAS[kind].empty_table()
-    fs, _ = filesystem(uris[0])
-    paths = [filesystem(u)[1] for u in uris]
-    blobs = fs.cat(paths) if len(paths) > 1 else {paths[0]: fs.cat_file(paths[0])}
-    tables = [pq.read_table(io.BytesIO(blobs[p])) for p in paths]
+    root = manifests_root(out)
+    fs, _ = filesystem(root)
+    paths = [filesystem(join(root, c.parts[kind]))[1] for c in commits]
+    tables = [pq.read_table(io.BytesIO(blob)) for blob in _cat_many(fs, paths)]
     return pa.concat_tables([t.cast(SCHEMAS[kind]) for t in tables])
 
 
@@ -280,7 +324,7 @@ def read_manifests(out: str) -> dict[str, pa.Table]:
     rows of the chosen attempts; ``failures`` rows of tracks whose chosen row is ``failed``.
     """
     commits = list_commits(out)
-    tracks = _read_parts(commits, "tracks")
+    tracks = _read_parts(out, commits, "tracks")
     chosen: dict[str, dict] = {}
     for row in tracks.to_pylist():
         best = chosen.get(row["track_id"])
@@ -288,9 +332,9 @@ def read_manifests(out: str) -> dict[str, pa.Table]:
         if best is None or key > (best["status"] == "ok", best["committed_at"]):
             chosen[row["track_id"]] = row
     winners = {(r["track_id"], r["attempt"]) for r in chosen.values()}
-    stems = [r for r in _read_parts(commits, "stems").to_pylist() if (r["track_id"], r["attempt"]) in winners]
+    stems = [r for r in _read_parts(out, commits, "stems").to_pylist() if (r["track_id"], r["attempt"]) in winners]
     failures = [
-        r for r in _read_parts(commits, "failures").to_pylist()
+        r for r in _read_parts(out, commits, "failures").to_pylist()
         if (r["track_id"], r["attempt"]) in winners and chosen[r["track_id"]]["status"] == "failed"
     ]
     order = sorted(chosen)
@@ -303,7 +347,7 @@ def read_manifests(out: str) -> dict[str, pa.Table]:
 
 def committed_ok(out: str, settings_hash: str) -> set[str]:
     """Track ids already committed with status ok for ``settings_hash`` (what a rerun may skip)."""
-    tracks = _read_parts(list_commits(out), "tracks")
+    tracks = _read_parts(out, list_commits(out), "tracks")
     return {
         r["track_id"] for r in tracks.select(["track_id", "status", "settings_hash"]).to_pylist()
         if r["status"] == "ok" and r["settings_hash"] == settings_hash

@@ -9,6 +9,7 @@ rows: a bad track becomes a failure row, it never raises.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -23,7 +24,14 @@ from pipeline.storage import filesystem, join
 
 @dataclass(frozen=True)
 class RunSpec:
-    """Everything that determines a run's stems (nothing secret: no credentials, no endpoints)."""
+    """Everything that determines a run's stems (nothing secret: no credentials, no endpoints).
+
+    ``registry_module`` names a module to import before the model is looked up, in every process
+    that loads it (the planner and each Ray actor): a module that registers extra entries with
+    :func:`models.registry.register` (tests, plug-in models). It must be importable on every Ray
+    worker (installed, or on their ``PYTHONPATH``). It is not part of :meth:`settings_hash`: the
+    model's name, options and weights digest already are.
+    """
 
     out: str
     model: str
@@ -34,10 +42,13 @@ class RunSpec:
     encoding: Encoding = field(default_factory=Encoding)
     stems: tuple[str, ...] | None = None
     two_stems: str | None = None
+    registry_module: str | None = None
 
     def load(self, device: str | None = None) -> Separator:
         from models.registry import load_model
 
+        if self.registry_module:
+            importlib.import_module(self.registry_module)
         return load_model(
             self.model, weights=self.weights, sha256=self.weights_sha256,
             device=device or self.settings.device, **dict(self.model_options),

@@ -7,7 +7,25 @@ Rules every writer in demix follows:
   to its final key. An exception on the way leaves nothing at the final key.
 * Names derived from user input go through :func:`safe_component`, so no source name can write
   outside the output root.
-* Credentials never travel as arguments: s3fs reads the standard AWS environment and config files.
+* Credentials never travel as arguments: s3fs reads the standard AWS environment and config files
+  (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``, ``AWS_ENDPOINT_URL``,
+  ``~/.aws/...``), so nothing secret reaches Prefect parameters, Ray task arguments or manifests.
+
+Retries on S3 are bounded, in two layers that multiply:
+
+* botocore retries each request ``S3_MAX_ATTEMPTS`` times in all (``mode="standard"``: throttling
+  such as 503 SlowDown, 5xx and connection errors, exponential backoff with jitter). Set as an
+  fsspec default (``fsspec.config.conf["s3"]["config_kwargs"]["retries"]``) at import, so every
+  s3fs instance gets it, and a user's own fsspec config (``FSSPEC_S3`` or ``~/.config/fsspec``)
+  still wins; ``setdefault`` never overrides it.
+* s3fs retries a failed call again (``S3FileSystem.retries``, 5 by default) when botocore gave up
+  on a throttling error or a broken response; :func:`filesystem` lowers that to ``S3FS_RETRIES``.
+
+So a call makes at most ``S3_MAX_ATTEMPTS * S3FS_RETRIES`` (6) HTTP requests before a
+:class:`StorageError` naming the URI (a connection dropped mid-request may double that: aiohttp
+resends once on a fresh connection when a kept-alive one was closed under it); errors that no retry
+can fix (403 AccessDenied, 404) fail at the first attempt. The Prefect tasks above retry a bounded
+number of times too.
 """
 
 from __future__ import annotations
@@ -24,6 +42,16 @@ from pathlib import Path
 
 import fsspec
 
+S3_MAX_ATTEMPTS = 3
+"""botocore attempts per S3 request (first try included), ``retries.mode="standard"``."""
+S3FS_RETRIES = 2
+"""s3fs attempts per call, each of up to ``S3_MAX_ATTEMPTS`` requests (s3fs' own default is 5)."""
+
+_s3_defaults = fsspec.config.conf.setdefault("s3", {})
+_s3_defaults.setdefault("config_kwargs", {}).setdefault(
+    "retries", {"total_max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"}
+)
+
 AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".m4a", ".aac", ".mp4", ".aif", ".aiff", ".wma")
 
 
@@ -34,6 +62,14 @@ class StorageError(OSError):
         super().__init__(f"{stage} {uri}: {message}")
         self.uri = uri
         self.stage = stage
+        self.detail = message
+
+    def __reduce__(self):  # picklable across Ray and Prefect process boundaries
+        return (type(self), (self.uri, self.detail), {"stage": self.stage})
+
+    def __setstate__(self, state: dict) -> None:
+        self.stage = state["stage"]
+        self.args = (f"{self.stage} {self.uri}: {self.detail}",)
 
 
 def is_remote(uri: str) -> bool:
@@ -55,8 +91,11 @@ def join(root: str, *parts: str) -> str:
 
 
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """``(filesystem, path)`` for ``uri``."""
+    """``(filesystem, path)`` for ``uri``; S3 filesystems get the bounded retries of the module docstring."""
     fs, path = fsspec.core.url_to_fs(uri)
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+    if "s3" in protocols:
+        fs.retries = S3FS_RETRIES  # an instance attribute of s3fs; not a constructor argument
     return fs, path
 
 
@@ -87,16 +126,21 @@ def expand_inputs(inputs: Sequence[str], *, extensions: Sequence[str] = AUDIO_EX
     found: list[str] = []
     for item in inputs:
         if is_remote(item):
-            fs, path = filesystem(item)
             proto = item.split("://", 1)[0]
-            if fs.isdir(path):
-                names = [p for p in fs.find(path) if p.lower().endswith(exts)]
-            elif _glob.has_magic(path):
-                names = fs.glob(path)
-            elif fs.exists(path):
-                names = [path]
-            else:
-                raise StorageError(item, "no such file or folder", stage="read")
+            try:
+                fs, path = filesystem(item)
+                if fs.isdir(path):
+                    names = [p for p in fs.find(path) if p.lower().endswith(exts)]
+                elif _glob.has_magic(path):
+                    names = fs.glob(path)
+                elif fs.exists(path):
+                    names = [path]
+                else:
+                    raise FileNotFoundError(item)
+            except FileNotFoundError as err:
+                raise StorageError(item, "no such file or folder", stage="read") from err
+            except Exception as err:  # noqa: BLE001 - backends raise many types; one typed error out
+                raise StorageError(item, f"{type(err).__name__}: {err}", stage="read") from err
             found.extend(f"{proto}://{p}" for p in sorted(names))
             continue
         path = local_path(item)
@@ -109,7 +153,7 @@ def expand_inputs(inputs: Sequence[str], *, extensions: Sequence[str] = AUDIO_EX
         elif _glob.has_magic(path):
             names = sorted(p for p in _glob.glob(path, recursive=True) if os.path.isfile(p))
         else:
-            raise StorageError(item, "no such file or folder", stage="read")
+            raise StorageError(item, "no such file or folder", stage="read") from FileNotFoundError(item)
         found.extend(names)
     return list(dict.fromkeys(found))
 
@@ -120,7 +164,7 @@ def local_copy(uri: str, *, spool_dir: str | None = None) -> Iterator[str]:
     if not is_remote(uri):
         path = local_path(uri)
         if not os.path.isfile(path):
-            raise StorageError(uri, "no such file", stage="read")
+            raise StorageError(uri, "no such file", stage="read") from FileNotFoundError(uri)
         yield path
         return
     suffix = Path(uri).suffix

@@ -6,6 +6,9 @@ with ``num_gpus=1`` when the cluster has GPUs, ``workers`` CPU actors otherwise)
 iterates the results as they finish. Ray Data restarts a dead actor and retries its batch
 (``max_restarts=-1``, ``max_task_retries=-1``), so a track can be *computed* twice; it is *recorded*
 once because stems go to deterministic keys and rows reach the manifests only through a shard commit.
+Each track is its own block, so a dead actor costs one track's retry, not a block's; and a track
+that keeps killing its actor (a decoder crash, the OOM killer) is given up after
+``MAX_ATTEMPTS_PER_TRACK`` attempts, counted by a small per-run actor, and recorded as failed.
 
 Why Ray Data rather than a hand-made actor pool: it streams (bounded objects in flight), restarts
 actors and retries their batches, sizes one pool for CPUs or GPUs, and scales to a cluster with
@@ -62,13 +65,49 @@ def plan_resources(workers: int | None = None, device: str = "auto") -> Resource
     return Resources(actors=n, gpus_per_actor=0.0, cpus_per_actor=max(1.0, float(cpus // n)), device="cpu")
 
 
+MAX_ATTEMPTS_PER_TRACK = 4
+"""Times a track is handed to a separator actor before it is given up (each earlier attempt having
+killed its actor's process) and recorded as failed, stage ``separate``, error ``WorkerDied``."""
+
+
+class AttemptCounter:
+    """How many times each track was started, across actor restarts (a Ray actor, one per run)."""
+
+    def __init__(self) -> None:
+        self._counts: dict[str, int] = {}
+
+    def start(self, track_id: str) -> int:
+        """Count one more start of ``track_id``; returns the count, 1 for the first."""
+        self._counts[track_id] = self._counts.get(track_id, 0) + 1
+        return self._counts[track_id]
+
+
+def given_up(
+    track: Track, spec: RunSpec, settings_hash: str, model_sha256: str | None, deaths: int
+) -> tuple[TrackRow, list[StemRow], list[FailureRow]]:
+    """Manifest rows of a track whose separation killed its worker process ``deaths`` times."""
+    row = TrackRow(
+        track_id=track.track_id, source_uri=track.uri, source_bytes=None, duration_s=None, sample_rate=None,
+        channels=None, status="failed", model=spec.model, model_sha256=model_sha256, settings_hash=settings_hash,
+        elapsed_s=0.0,
+    )
+    message = f"the separator process died {deaths} times while separating this track; given up (see the Ray logs)"
+    return row, [], [FailureRow(track.track_id, track.uri, "separate", "WorkerDied", message, attempts=deaths)]
+
+
 class SeparatorActor:
     """Loads the model once in ``__init__``; ``__call__`` separates a batch of tracks.
 
-    Delegates all work to :func:`pipeline.run.process_track`, which tests call without Ray.
+    Delegates all work to :func:`pipeline.run.process_track`, which tests call without Ray. With an
+    ``attempts`` counter (an :class:`AttemptCounter` actor handle), a track started more than
+    ``max_attempts`` times (every earlier start killed the process) is not tried again: it gets the
+    rows of :func:`given_up`.
     """
 
-    def __init__(self, spec: RunSpec, settings_hash: str, device: str, threads: int) -> None:
+    def __init__(
+        self, spec: RunSpec, settings_hash: str, device: str, threads: int, attempts=None,
+        max_attempts: int = MAX_ATTEMPTS_PER_TRACK,
+    ) -> None:
         import torch
 
         from dataclasses import replace
@@ -77,14 +116,27 @@ class SeparatorActor:
         spec = replace(spec, settings=replace(spec.settings, device=device))  # chunks go where the model is
         self.spec = spec
         self.settings_hash = settings_hash
+        self.attempts = attempts
+        self.max_attempts = max_attempts
         self.model = spec.load(device=device)
+
+    def _start(self, track_id: str) -> int:
+        if self.attempts is None:
+            return 1
+        import ray
+
+        return ray.get(self.attempts.start.remote(track_id))
 
     def __call__(self, batch: dict) -> dict:
         out: dict[str, list] = {"shard_id": [], "track_id": [], "result": []}
         for shard_id, track_id, uri in zip(batch["shard_id"], batch["track_id"], batch["uri"]):
-            row, stems, failures = process_track(
-                self.model, Track(str(track_id), str(uri)), self.spec, settings_hash=self.settings_hash
-            )
+            track = Track(str(track_id), str(uri))
+            attempt = self._start(track.track_id)
+            if attempt > self.max_attempts:
+                digest = getattr(self.model, "weights_sha256", None)
+                row, stems, failures = given_up(track, self.spec, self.settings_hash, digest, attempt - 1)
+            else:
+                row, stems, failures = process_track(self.model, track, self.spec, settings_hash=self.settings_hash)
             out["shard_id"].append(str(shard_id))
             out["track_id"].append(str(track_id))
             out["result"].append(
@@ -107,11 +159,12 @@ def run_shards(
     on_shard: Callable[[ShardResult], None],
     on_track: Callable[[TrackRow], None] | None = None,
     actor_cls: type = SeparatorActor,
+    max_attempts: int = MAX_ATTEMPTS_PER_TRACK,
 ) -> int:
     """Separate every track of ``shards`` on the actor pool; call ``on_shard`` as each shard completes.
 
     Returns the number of tracks processed. Shards complete in any order; ``on_shard`` (the commit)
-    runs on the driver.
+    runs on the driver. A track is started at most ``max_attempts`` times (see :class:`SeparatorActor`).
     """
     import ray
     from ray.data import DataContext
@@ -124,12 +177,17 @@ def run_shards(
     ctx.print_on_execution_start = False
     pending = {s.shard_id: len(s.tracks) for s in shards}
     results = {s.shard_id: ShardResult(s.shard_id) for s in shards}
-    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 4 * resources.actors * 8)))
+    if max_attempts < 1:
+        raise ValueError(f"max_attempts must be >= 1. Found: {max_attempts}")
+    attempts = ray.remote(num_cpus=0)(AttemptCounter).remote()
+    # one block per track: a task retried after an actor died redoes that track only, and a track
+    # that keeps killing actors is counted (and given up) on its own
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(
         actor_cls,
         fn_constructor_kwargs={
             "spec": spec, "settings_hash": settings_hash, "device": resources.device,
-            "threads": int(resources.cpus_per_actor),
+            "threads": int(resources.cpus_per_actor), "attempts": attempts, "max_attempts": max_attempts,
         },
         batch_size=1,
         compute=ray.data.ActorPoolStrategy(size=resources.actors),
@@ -137,20 +195,23 @@ def run_shards(
         num_cpus=resources.cpus_per_actor,
     )  # Ray Data gives pool actors max_restarts=-1 and max_task_retries=-1: a dead actor's batch is retried
     done = 0
-    for row in _iter_rows(ds):
-        track, stems, failures = _decode(row["result"])
-        shard = results[row["shard_id"]]
-        if any(t.track_id == track.track_id for t in shard.tracks):
-            continue  # a retried batch delivered twice: keep the first
-        shard.tracks.append(track)
-        shard.stems.extend(stems)
-        shard.failures.extend(failures)
-        done += 1
-        if on_track is not None:
-            on_track(track)
-        pending[row["shard_id"]] -= 1
-        if pending[row["shard_id"]] == 0:
-            on_shard(results.pop(row["shard_id"]))
+    try:
+        for row in _iter_rows(ds):
+            track, stems, failures = _decode(row["result"])
+            shard = results.get(row["shard_id"])
+            if shard is None or any(t.track_id == track.track_id for t in shard.tracks):
+                continue  # a retried batch delivered twice: keep the first
+            shard.tracks.append(track)
+            shard.stems.extend(stems)
+            shard.failures.extend(failures)
+            done += 1
+            if on_track is not None:
+                on_track(track)
+            pending[row["shard_id"]] -= 1
+            if pending[row["shard_id"]] == 0:
+                on_shard(results.pop(row["shard_id"]))
+    finally:
+        ray.kill(attempts)
     return done
 
 

@@ -1,0 +1,73 @@
+"""Test-only registry entries, importable by Ray workers (``RunSpec.registry_module="demix_test_models"``
+with this folder on their ``PYTHONPATH``).
+
+``test-gain`` is a model with a known answer (source k is ``gain[k] * input``) at 8 kHz, cheap on any
+CPU, with switches that make a catalog run misbehave on purpose:
+
+* ``delay_s``: sleep this long in every forward call (a slow model, to kill a run halfway);
+* ``die_marker``: the first forward call in any process that manages to create this file exits the
+  process with ``os._exit(1)`` (a separator actor dying mid-track, once per marker);
+* ``nan_after``: forward calls after this many in one process return NaN (an encoder failure
+  mid-track: the writers refuse non-finite audio);
+* ``die_above``: a chunk whose peak exceeds this exits the process, every time (a track that
+  always crashes its worker, like a decoder segfault).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from models.base import Separator
+from models.registry import ModelEntry, list_models, register
+
+SOURCES = ("vocals", "drums", "bass", "other")
+GAINS = (0.1, 0.2, 0.3, 0.4)
+
+
+class GainModel(Separator):
+    """``(batch, channels, time) -> (batch, sources, channels, time)``: source k is ``GAINS[k] * mix``."""
+
+    masks_sum_to_one = True
+
+    def __init__(self, *, delay_s: float = 0.0, die_marker: str = "", nan_after: int = -1, die_above: float = 0.0) -> None:
+        super().__init__()
+        self.sources = SOURCES
+        self.sample_rate = 8000
+        self.segment = 1.0
+        self.delay_s = float(delay_s)
+        self.die_marker = die_marker
+        self.nan_after = int(nan_after)
+        self.die_above = float(die_above)
+        self.calls = 0
+        self.register_buffer("gains", torch.tensor(GAINS, dtype=torch.float32))
+
+    def forward(self, mix: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.die_marker:
+            try:
+                fd = os.open(self.die_marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                pass
+            else:
+                os.write(fd, str(os.getpid()).encode())
+                os.close(fd)
+                os._exit(1)
+        if self.die_above and float(mix.abs().max()) > self.die_above:
+            os._exit(1)
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        out = mix[:, None] * self.gains[None, :, None, None]
+        if 0 <= self.nan_after < self.calls:
+            out = torch.full_like(out, float("nan"))
+        return out
+
+
+def _gain(*, delay_s: float = 0.0, die_marker: str = "", nan_after: int = -1, die_above: float = 0.0) -> Separator:
+    return GainModel(delay_s=delay_s, die_marker=die_marker, nan_after=nan_after, die_above=die_above)
+
+
+if "test-gain" not in {e.name for e in list_models()}:  # imported once per process, but pytest may import it under two names
+    register(ModelEntry(name="test-gain", factory=_gain, sample_rate=8000, sources=SOURCES, description="test only"))
