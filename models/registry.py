@@ -125,9 +125,9 @@ def _unet(
     *,
     phase: str = "mixture",
     griffin_lim_iters: int = 32,
-    mask: str = "sigmoid",
+    mask: str = "softmax",
     depth: int = 6,
-    channels: int = 16,
+    channels: int = 8,
 ) -> Separator:
     from models.unet import SpectrogramUNet
 

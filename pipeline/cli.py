@@ -292,7 +292,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     except (CatalogError, StorageError, ModelLoadError) as err:
         print(f"demix: error: {err}", file=sys.stderr)
         return 2
-    print_run_summary(summary, args.out)
+    except Exception as err:  # noqa: BLE001 - the flow's own failure (Ray, Prefect): one line, not a traceback
+        print(f"demix: error: the run failed: {type(err).__name__}: {err} (rerun to resume; committed tracks are kept)", file=sys.stderr)
+        return 2
+    out = args.out if "://" in args.out else os.path.abspath(args.out)
+    print_run_summary(summary, out)
     return 1 if summary["failed_now"] else 0
 
 

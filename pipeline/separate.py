@@ -377,6 +377,9 @@ class TrackError(RuntimeError):
         self.stage = stage
         self.cause = cause
 
+    def __reduce__(self):  # picklable across Ray processes despite the custom __init__
+        return (type(self), (self.source, self.stage, self.cause))
+
     @property
     def error_type(self) -> str:
         return type(self.cause).__name__

@@ -234,3 +234,12 @@ def test_separate_track_streams_blocks_and_matches_in_memory(tmp_path):
     vocals = torch.from_numpy(sf.read(outputs["vocals"], dtype="float32")[0].T)
     rest = torch.from_numpy(sf.read(outputs["no_vocals"], dtype="float32")[0].T)
     assert torch.allclose(vocals, 0.1 * mix, atol=1e-6) and torch.allclose(rest, 0.9 * mix, atol=1e-6)
+
+
+def test_track_error_pickles():
+    import pickle
+
+    from pipeline.separate import TrackError
+
+    err = pickle.loads(pickle.dumps(TrackError("a.wav", "decode", ValueError("bad"))))
+    assert err.stage == "decode" and err.source == "a.wav" and err.error_type == "ValueError"
