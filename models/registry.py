@@ -185,4 +185,20 @@ MIXTURE = register(
     )
 )
 
+def _nmf(*, components: int = 32, iters: int = 60) -> Separator:
+    from models.nmf import SupervisedNMF
+
+    return SupervisedNMF(("vocals", "drums", "bass", "other"), components=components, iters=iters)
+
+
+NMF = register(
+    ModelEntry(
+        name="nmf",
+        factory=_nmf,
+        sample_rate=44100,
+        sources=("vocals", "drums", "bass", "other"),
+        description="supervised NMF baseline: per-source KL-NMF dictionaries, activations solved at inference, soft masks",
+    )
+)
+
 DEFAULT_MODEL = "unet"

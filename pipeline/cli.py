@@ -398,6 +398,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     from models.base import ModelLoadError
     from pipeline.train import TrainConfig, export_checkpoint, train
 
+    if args.model == "nmf":  # not gradient-trained: dictionaries are fitted to the training stems
+        from pipeline.train import fit_nmf
+
+        options = dict(_parse_option(o) for o in args.option)
+        try:
+            path, digest = fit_nmf(args.dataset, args.export or args.out, components=int(options.get("components", 32)), seed=args.seed)
+        except ValueError as err:
+            print(f"demix: error: {err}", file=sys.stderr)
+            return 2
+        print(f"demix train: NMF dictionaries {path} (sha256 {digest})")
+        return 0
     try:
         config = TrainConfig(
             dataset=args.dataset, model=args.model, model_options=dict(_parse_option(o) for o in args.option),

@@ -498,3 +498,52 @@ def export_checkpoint(state_dir: str | Path, dest: str | Path, *, half: bool = F
             "size_bytes": path.stat().st_size}
     _write_json(path.with_suffix(".json"), info)
     return path, digest
+
+
+def fit_nmf(
+    dataset: str | Path,
+    dest: str | Path,
+    *,
+    components: int = 32,
+    fit_iters: int = 200,
+    max_tracks: int | None = None,
+    seed: int = 0,
+) -> tuple[Path, str]:
+    """Learn the supervised-NMF baseline's dictionaries from a MUSDB-layout folder.
+
+    Writes ``<dest>/nmf-<sha8>.safetensors`` (+ ``.json``) loadable with
+    ``load_model("nmf", components=..., weights=path)``; returns ``(path, sha256)``.
+    """
+    import numpy as np
+
+    from models.registry import load_model
+    from models.weights import sha256_file
+    from pipeline.datasets import MusdbDataset
+
+    data = MusdbDataset(dataset)
+    model = load_model("nmf", components=components)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(data))[: max_tracks or len(data)]
+
+    def examples():
+        for i in order:
+            tracks = data.load(int(i))
+            stems = torch.stack([torch.from_numpy(tracks[s]) for s in model.sources])
+            if data.tracks[int(i)].sample_rate != model.sample_rate:
+                import torchaudio
+
+                stems = torchaudio.functional.resample(stems, data.tracks[int(i)].sample_rate, model.sample_rate)
+            yield stems
+
+    model.fit(examples(), iters=fit_iters, seed=seed)
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    tmp = dest / "nmf.safetensors.part"
+    digest = _save_safetensors(tmp, model.state_dict())
+    final = dest / f"nmf-{digest[:8]}.safetensors"
+    tmp.replace(final)
+    _write_json(final.with_suffix(".json"), {
+        "model": "nmf", "options": {"components": components}, "sources": list(model.sources),
+        "sample_rate": model.sample_rate, "sha256": sha256_file(final), "tracks": len(order), "fit_iters": fit_iters,
+    })
+    return final, digest
