@@ -96,8 +96,15 @@ class SupervisedNMF(Separator):
         return est.reshape(s, batch, channels, length).permute(1, 0, 2, 3).to(mix.dtype)
 
     @torch.no_grad()
-    def fit(self, examples: Iterable[Tensor], *, iters: int = 200, max_frames: int = 20000, seed: int = 0) -> None:
-        """Learn the dictionaries from ``(sources, channels, time)`` stem examples (silent stems skipped)."""
+    def fit(
+        self, examples: Iterable[Tensor], *, iters: int = 200, max_frames: int = 20000,
+        frames_per_example: int = 400, seed: int = 0,
+    ) -> None:
+        """Learn the dictionaries from ``(sources, channels, time)`` stem examples (silent stems skipped).
+
+        At most ``frames_per_example`` random frames of each stem are kept (memory stays bounded), then
+        at most ``max_frames`` per source enter the KL-NMF fit.
+        """
         gen = torch.Generator().manual_seed(seed)
         frames: list[list[Tensor]] = [[] for _ in self.sources]
         for stems in examples:
@@ -105,7 +112,10 @@ class SupervisedNMF(Separator):
                 mono = stem.float().mean(0)
                 if mono.abs().max() < 1e-4:
                     continue
-                frames[j].append(self._stft(mono[None])[0].abs())
+                mag = self._stft(mono[None])[0].abs()
+                if mag.shape[-1] > frames_per_example:
+                    mag = mag[:, torch.randperm(mag.shape[-1], generator=gen)[:frames_per_example]]
+                frames[j].append(mag)
         for j, name in enumerate(self.sources):
             if not frames[j]:
                 raise ValueError(f"no non-silent training audio for source {name!r}")
