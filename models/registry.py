@@ -197,7 +197,9 @@ NMF = register(
         factory=_nmf,
         sample_rate=44100,
         sources=("vocals", "drums", "bass", "other"),
-        description="supervised NMF baseline: per-source KL-NMF dictionaries, activations solved at inference, soft masks",
+        weights_uri=str(WEIGHTS_DIR / "nmf-7aa9fbf7.safetensors"),
+        sha256="7aa9fbf757d7b13b931fa93ee6a99fd7a86f9b7728c2bba411ac58b53417960b",
+        description="supervised NMF baseline: per-source KL-NMF dictionaries (fitted on demix synth data), activations solved at inference, soft masks",
     )
 )
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.registry import load_model
+from models.nmf import SupervisedNMF
+from models.registry import get_entry, load_model
 from pipeline.synth import toy_song
 
 SOURCES = ("vocals", "drums", "bass", "other")
@@ -21,7 +22,7 @@ def _sdr(ref: torch.Tensor, est: torch.Tensor) -> float:
 
 
 def test_shape_and_estimates_sum_to_mixture():
-    model = load_model("nmf", components=4, iters=5)
+    model = SupervisedNMF(components=4, iters=5)
     assert model.masks_sum_to_one
     x = 0.1 * torch.randn(2, 2, 10001)
     y = model(x)
@@ -32,7 +33,7 @@ def test_shape_and_estimates_sum_to_mixture():
 
 
 def test_fitted_dictionaries_separate_better_than_the_mixture():
-    model = load_model("nmf", components=8, iters=40)
+    model = SupervisedNMF(components=8, iters=40)
     model.fit([_stems(s) for s in range(3)], iters=60)
     test = _stems(7)
     mix = test.sum(0)
@@ -42,8 +43,15 @@ def test_fitted_dictionaries_separate_better_than_the_mixture():
 
 
 def test_fit_refuses_a_source_with_no_audio():
-    model = load_model("nmf", components=2)
+    model = SupervisedNMF(components=2)
     stems = _stems(0)
     stems[2] = 0
     with pytest.raises(ValueError, match="bass"):
         model.fit([stems], iters=2)
+
+
+def test_shipped_nmf_dictionaries_load_verified():
+    entry = get_entry("nmf")
+    model = load_model("nmf")
+    assert model.weights_sha256 == entry.sha256
+    assert float(model.dictionaries.min()) >= 0 and model.dictionaries.shape == (4, 1025, 32)
