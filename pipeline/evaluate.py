@@ -59,6 +59,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from scipy.fft import next_fast_len
 
 METRICS = ("sdr", "sir", "sar", "isr", "si_sdr")
 STEMS = ("vocals", "drums", "bass", "other")
@@ -87,18 +88,7 @@ _WINDOW_BATCH_SAMPLES = 8 * 44100  # windows are filtered in batches of about th
 
 def _fast_len(n: int) -> int:
     """Smallest ``2^a 3^b 5^c >= n`` (an FFT size pocketfft handles quickly)."""
-    best = 1 << max(0, (n - 1).bit_length())
-    p5 = 1
-    while p5 < best:
-        p35 = p5
-        while p35 < best:
-            m = p35
-            while m < n:
-                m *= 2
-            best = min(best, m)
-            p35 *= 3
-        p5 *= 5
-    return best
+    return next_fast_len(n, real=True)
 
 
 def _channel_sum_silent(x: np.ndarray) -> np.ndarray:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import pytest
 
@@ -30,3 +32,30 @@ class ScaleModel(Separator):
 @pytest.fixture
 def scale_model() -> ScaleModel:
     return ScaleModel()
+
+
+def commit_concurrently(out: str, result, n: int) -> list:
+    """``n`` threads call ``manifest.commit_shard(out, result)`` at once; returns their commits.
+
+    Any exception in a thread is re-raised after all of them finished.
+    """
+    from pipeline import manifest
+
+    barrier = threading.Barrier(n)
+    commits, errors = [], []
+
+    def commit() -> None:
+        barrier.wait()
+        try:
+            commits.append(manifest.commit_shard(out, result))
+        except BaseException as err:  # noqa: BLE001 - re-raised below
+            errors.append(err)
+
+    threads = [threading.Thread(target=commit) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return commits

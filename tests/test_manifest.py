@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
+from tests.conftest import commit_concurrently
 
 from pipeline import manifest
 from pipeline.catalog import CatalogError, make_shards, read_catalog, safe_track_id, track_id_for
@@ -127,22 +128,7 @@ def test_committed_ok_is_per_settings_hash(tmp_path):
 def test_same_shard_committed_concurrently_on_local_disk(tmp_path):
     out = str(tmp_path)
     result = _result("shard-x", ok=["t1", "t2"], failed=["t3"])
-    barrier = threading.Barrier(6)
-    commits, errors = [], []
-
-    def commit() -> None:
-        barrier.wait()
-        try:
-            commits.append(manifest.commit_shard(out, result))
-        except BaseException as err:  # noqa: BLE001 - reported below
-            errors.append(err)
-
-    threads = [threading.Thread(target=commit) for _ in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    commits = commit_concurrently(out, result, 6)
     assert len({c.attempt for c in commits}) == 1, "every caller sees the single winner"
     assert [p.name for p in (tmp_path / "manifests/_commits").iterdir()] == ["shard-x.json"]
     tables = manifest.read_manifests(out)

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import os
 import tempfile
-import threading
 import time
 
 import pytest
+
+from tests.conftest import commit_concurrently
 
 from pipeline import manifest
 from pipeline.storage import S3_MAX_ATTEMPTS, S3FS_RETRIES, StorageError, local_copy, put_file
@@ -118,22 +119,7 @@ def _result(shard: str, n: int = 3) -> manifest.ShardResult:
 def test_same_shard_committed_concurrently_on_s3(s3):
     out = s3.uri("run")
     result = _result("shard-same")
-    barrier = threading.Barrier(4)
-    commits, errors = [], []
-
-    def commit() -> None:
-        barrier.wait()
-        try:
-            commits.append(manifest.commit_shard(out, result))
-        except BaseException as err:  # noqa: BLE001 - reported below
-            errors.append(err)
-
-    threads = [threading.Thread(target=commit) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    commits = commit_concurrently(out, result, 4)
     assert len({c.attempt for c in commits}) == 1, "every caller must see the one winning commit"
     assert s3.keys("run/manifests/_commits") == ["run/manifests/_commits/shard-same.json"]
     assert len(manifest.list_commits(out)) == 1
