@@ -307,7 +307,7 @@ def train(
         raise ValueError(f"{out} holds state.pt without config.json; refusing to resume an unknown run")
 
     entry = get_entry(config.model)
-    model = load_model(config.model, device=device, **config.model_options)
+    model = load_model(config.model, device=device, pretrained=False, **config.model_options)  # from scratch
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -521,7 +521,7 @@ def fit_nmf(
     from pipeline.datasets import MusdbDataset
 
     data = MusdbDataset(dataset)
-    model = load_model("nmf", components=components)
+    model = load_model("nmf", components=components, pretrained=False)
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(data))[: max_tracks or len(data)]
 

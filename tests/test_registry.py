@@ -136,7 +136,7 @@ def test_pickled_objects_are_refused(tmp_path):
 def test_safetensors_weights(tmp_path):
     from safetensors.torch import save_file
 
-    ref = load_model("unet", depth=3, channels=4)
+    ref = load_model("unet", depth=3, channels=4, pretrained=False)
     p = tmp_path / "unet.safetensors"
     save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(p))
     model = load_model("unet", depth=3, channels=4, weights=str(p))
@@ -153,5 +153,5 @@ def test_unknown_option_and_missing_file_refused():
 
 
 def test_untrained_default_is_deterministic():
-    a, b = load_model(DEFAULT_MODEL), load_model(DEFAULT_MODEL)
+    a, b = load_model(DEFAULT_MODEL, pretrained=False), load_model(DEFAULT_MODEL, pretrained=False)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))

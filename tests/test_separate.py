@@ -110,7 +110,7 @@ def test_estimates_sum_to_mixture_when_model_promises_it():
 
 
 def test_unet_softmax_masks_sum_to_mixture_through_overlap_add():
-    model = load_model("unet", mask="softmax", depth=3, channels=4)
+    model = load_model("unet", mask="softmax", depth=3, channels=4, pretrained=False)
     assert model.masks_sum_to_one
     x = torch.randn(2, int(2.5 * model.sample_rate)) * 0.1
     y = separate(model, x, SeparationSettings(segment=1.0, overlap=0.25))
