@@ -169,8 +169,8 @@ UNET = register(
         factory=_unet,
         sample_rate=44100,
         sources=("vocals", "drums", "bass", "other"),
-        weights_uri=str(WEIGHTS_DIR / "unet-0ccf82a2.safetensors"),
-        sha256="0ccf82a23974f18e698fc1aabeb9fa8edc00213c3dd40c1f2c4083b17e71c8e7",
+        weights_uri=str(WEIGHTS_DIR / "unet-59fb490d.safetensors"),
+        sha256="59fb490db8cb23d3dc00cabfd325e65e977ef57f681c2904ff67ffa9c97ef388",
         description=(
             "Spectrogram U-Net (Jansson et al. 2017), 8 base channels, softmax masks; trained by demix on its "
             "own synthetic multitrack songs (demix synth), shipped in float16 (4.9 MB)"
