@@ -180,7 +180,10 @@ def cmd_models(_: argparse.Namespace) -> int:
 
     for entry in list_models():
         default = " (default)" if entry.name == DEFAULT_MODEL else ""
-        weights = entry.weights_uri or "none: untrained unless --weights is given"
+        weights = entry.weights_uri
+        if weights is None:
+            trainable = any(True for _ in entry.factory().parameters())
+            weights = "none: untrained unless --weights is given" if trainable else "none needed"
         print(f"{entry.name}{default}\n  {entry.description}\n  rate {entry.sample_rate} Hz, stems {', '.join(entry.sources)}\n  weights {weights}")
         if entry.options():
             print(f"  options: {', '.join(entry.options())}")
