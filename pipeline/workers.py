@@ -6,9 +6,10 @@ with ``num_gpus=1`` when the cluster has GPUs, ``workers`` CPU actors otherwise)
 iterates the results as they finish. Ray Data restarts a dead actor and retries its batch
 (``max_restarts=-1``, ``max_task_retries=-1``), so a track can be *computed* twice; it is *recorded*
 once because stems go to deterministic keys and rows reach the manifests only through a shard commit.
-Each track is its own block, so a dead actor costs one track's retry, not a block's; and a track
-that keeps killing its actor (a decoder crash, the OOM killer) is given up after
-``MAX_ATTEMPTS_PER_TRACK`` attempts, counted by a small per-run actor, and recorded as failed.
+Blocks hold at most ``TRACKS_PER_BLOCK`` tracks, so a dead actor costs at most that many retries;
+a track that keeps killing its actor (a decoder crash, the OOM killer) is given up after
+``MAX_ATTEMPTS_PER_TRACK`` deaths, counted by a small per-run actor (starts without a finish), and
+recorded as failed.
 
 Why Ray Data rather than a hand-made actor pool: it streams (bounded objects in flight), restarts
 actors and retries their batches, sizes one pool for CPUs or GPUs, and scales to a cluster with
@@ -19,6 +20,7 @@ actors and retries their batches, sizes one pool for CPUs or GPUs, and scales to
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -65,21 +67,33 @@ def plan_resources(workers: int | None = None, device: str = "auto") -> Resource
     return Resources(actors=n, gpus_per_actor=0.0, cpus_per_actor=max(1.0, float(cpus // n)), device="cpu")
 
 
+TRACKS_PER_BLOCK = 32
+"""Upper bound of tracks in one Ray Data block (the unit a dead actor's retry redoes)."""
+
 MAX_ATTEMPTS_PER_TRACK = 4
 """Times a track is handed to a separator actor before it is given up (each earlier attempt having
 killed its actor's process) and recorded as failed, stage ``separate``, error ``WorkerDied``."""
 
 
 class AttemptCounter:
-    """How many times each track was started, across actor restarts (a Ray actor, one per run)."""
+    """Starts and finishes of each track across actor restarts (a Ray actor, one per run).
+
+    A start without a finish means the process died while separating that track. Tracks that
+    finished before a death in the same block are started again by the retry, but not counted as
+    deaths, so several tracks can share a block.
+    """
 
     def __init__(self) -> None:
-        self._counts: dict[str, int] = {}
+        self._open: dict[str, int] = {}
 
     def start(self, track_id: str) -> int:
-        """Count one more start of ``track_id``; returns the count, 1 for the first."""
-        self._counts[track_id] = self._counts.get(track_id, 0) + 1
-        return self._counts[track_id]
+        """Count one more start of ``track_id``; returns 1 + the starts that never finished."""
+        self._open[track_id] = self._open.get(track_id, 0) + 1
+        return self._open[track_id]
+
+    def finish(self, track_id: str) -> None:
+        """``track_id``'s latest start finished (with a result row, ok or failed)."""
+        self._open[track_id] = max(0, self._open.get(track_id, 0) - 1)
 
 
 def given_up(
@@ -127,6 +141,12 @@ class SeparatorActor:
 
         return ray.get(self.attempts.start.remote(track_id))
 
+    def _finish(self, track_id: str) -> None:
+        if self.attempts is not None:
+            import ray
+
+            ray.get(self.attempts.finish.remote(track_id))
+
     def __call__(self, batch: dict) -> dict:
         out: dict[str, list] = {"shard_id": [], "track_id": [], "result": []}
         for shard_id, track_id, uri in zip(batch["shard_id"], batch["track_id"], batch["uri"]):
@@ -137,6 +157,7 @@ class SeparatorActor:
                 row, stems, failures = given_up(track, self.spec, self.settings_hash, digest, attempt - 1)
             else:
                 row, stems, failures = process_track(self.model, track, self.spec, settings_hash=self.settings_hash)
+            self._finish(track.track_id)
             out["shard_id"].append(str(shard_id))
             out["track_id"].append(str(track_id))
             out["result"].append(
@@ -180,9 +201,11 @@ def run_shards(
     if max_attempts < 1:
         raise ValueError(f"max_attempts must be >= 1. Found: {max_attempts}")
     attempts = ray.remote(num_cpus=0)(AttemptCounter).remote()
-    # one block per track: a task retried after an actor died redoes that track only, and a track
-    # that keeps killing actors is counted (and given up) on its own
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    # blocks of at most TRACKS_PER_BLOCK tracks (a retry after an actor died redoes at most that many;
+    # one block per track made Ray Data's start-up crawl at 10^5 tracks), and at least a few blocks
+    # per actor so every actor gets work
+    blocks = min(len(items), max(math.ceil(len(items) / TRACKS_PER_BLOCK), 4 * resources.actors))
+    ds = ray.data.from_items(items, override_num_blocks=blocks)
     ds = ds.map_batches(
         actor_cls,
         fn_constructor_kwargs={
