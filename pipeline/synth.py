@@ -48,7 +48,6 @@ def toy_song(seconds: float = 8.0, sample_rate: int = 44100, seed: int = 0) -> d
     """Four stereo stems ``{stem: (2, time)}`` float32 plus ``"mixture"`` (their sum, peak <= 0.9)."""
     rng = np.random.default_rng(seed)
     n = int(seconds * sample_rate)
-    t = np.arange(n) / sample_rate
     bpm = rng.uniform(90, 130)
     beat = 60.0 / bpm
     root = 110.0 * 2 ** (rng.integers(0, 12) / 12)
