@@ -52,7 +52,7 @@ def plan(catalog: str, spec: RunSpec, shard_size: int, force: bool) -> Plan:
     """Read the catalog, drop tracks already committed for the same settings, cut the rest into shards."""
     model = spec.load(device="cpu")  # resolves and verifies the weights once, for the settings hash
     digest = getattr(model, "weights_sha256", None)
-    settings_hash = spec.settings_hash(digest)
+    settings_hash = spec.settings_hash(digest, spec.load_presence(model).weights_sha256)
     tracks = cat.read_catalog(catalog)
     done = set() if force else manifest.committed_ok(spec.out, settings_hash)
     pending = [t for t in tracks if t.track_id not in done]
@@ -168,6 +168,7 @@ def separate_catalog(
     force: bool = False,
     progress: bool = True,
     registry_module: str | None = None,
+    presence: str = "combined",
 ) -> dict:
     """Separate every track of ``catalog`` into ``out``: exactly once, resumable, with a report."""
     out = out.rstrip("/") if is_remote(out) else os.path.abspath(local_path(out))  # Ray workers may run elsewhere
@@ -176,6 +177,7 @@ def separate_catalog(
         model_options=tuple(sorted((model_options or {}).items())),
         settings=SeparationSettings(**{**(settings or {}), "device": "cpu"}), encoding=Encoding(**(encoding or {})),
         stems=tuple(stems) if stems else None, two_stems=two_stems, registry_module=registry_module,
+        presence=presence,
     )
     the_plan = plan(catalog, spec, shard_size, force)
     stats = execute(the_plan, spec, workers_count, device, ray_address, progress)

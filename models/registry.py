@@ -33,6 +33,8 @@ class ModelEntry:
             entry has no published weights and runs untrained unless ``weights=`` is given.
         sha256: expected digest of the file at ``weights_uri``.
         description: one line for ``demix models``.
+        kind: ``"separator"`` (a :class:`models.base.Separator`) or ``"presence"`` (a presence
+            classifier, :class:`models.presence.PresenceNet`); :func:`load_model` refuses the wrong kind.
     """
 
     name: str
@@ -42,6 +44,7 @@ class ModelEntry:
     weights_uri: str | None = None
     sha256: str | None = None
     description: str = ""
+    kind: str = "separator"
 
     def options(self) -> tuple[str, ...]:
         """Keyword options the factory accepts (what ``load_model(**options)`` may pass)."""
@@ -80,6 +83,7 @@ def load_model(
     sha256: str | None = None,
     device: str | torch.device = "cpu",
     pretrained: bool = True,
+    kind: str = "separator",
     **options,
 ) -> Separator:
     """Build the model ``name``, load its weights strictly and return it in eval mode on ``device``.
@@ -94,12 +98,17 @@ def load_model(
         pretrained: load the entry's published weights (default). ``False`` builds the network with
             deterministic random weights (training from scratch, tiny test configurations whose
             options change the architecture). Ignored when ``weights`` is given.
+        kind: the kind of model the caller needs (``separator`` or ``presence``); an entry of
+            another kind is refused with a ``ModelLoadError``.
         **options: model options (see :meth:`ModelEntry.options`); unknown ones are refused.
 
     The returned module carries ``registry_name``, ``weights_uri`` (``None`` when untrained) and
     ``weights_sha256`` for manifests.
     """
     entry = get_entry(name)
+    if entry.kind != kind:
+        others = ", ".join(e.name for e in list_models() if e.kind == kind)
+        raise ModelLoadError(f"model {name!r} is a {entry.kind} model, not a {kind} model; {kind} models: {others or 'none'}")
     unknown = sorted(set(options) - set(entry.options()))
     if unknown:
         raise ModelLoadError(
@@ -209,6 +218,28 @@ NMF = register(
         weights_uri=str(WEIGHTS_DIR / "nmf-7aa9fbf7.safetensors"),
         sha256="7aa9fbf757d7b13b931fa93ee6a99fd7a86f9b7728c2bba411ac58b53417960b",
         description="supervised NMF baseline: per-source KL-NMF dictionaries (fitted on demix synth data), activations solved at inference, soft masks",
+    )
+)
+
+def _presence(*, hidden: int = 64, layers: int = 4):
+    from models.presence import PresenceNet
+
+    return PresenceNet(("vocals", "drums", "bass", "other"), hidden=hidden, layers=layers)
+
+
+PRESENCE = register(
+    ModelEntry(
+        name="presence",
+        factory=_presence,
+        sample_rate=44100,
+        sources=("vocals", "drums", "bass", "other"),
+        weights_uri=str(WEIGHTS_DIR / "presence-b6e8d0a0.safetensors"),
+        sha256="b6e8d0a009840fd4b2d3d424aec2dccd93ac0d60fce9d09fb8a9fe40f97fc2dd",
+        description=(
+            "stem presence classifier over 50 ms frame features of a unet separation; trained by demix on "
+            "separated synthetic songs with stems left out (demix train --model presence), 0.2 MB"
+        ),
+        kind="presence",
     )
 )
 

@@ -14,6 +14,9 @@ EPILOG = """examples:
   demix separate song.wav -o out/ --two-stems vocals --format flac --bit-depth 24
   demix separate song.wav -o out/ --model hdemucs-musdb --weights /models/hdemucs_high_trained.pt
   demix run catalog.csv -o s3://bucket/stems --workers 2
+  demix remix runs/catalog -o remixed/ --examples 500 --seed 0
+  demix export --task lyrics runs/catalog -o exports/lyrics
+  demix evaluate --presence synth-heldout/ -o reports/presence
   demix models
 """
 
@@ -96,6 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--ray-address", metavar="ADDR", help="join this Ray cluster (default: start a local instance)")
     run.add_argument("--shard-size", type=int, default=16, help="tracks per commit (default: 16)")
     run.add_argument("--force", action="store_true", help="redo tracks already committed")
+    run.add_argument(
+        "--presence", choices=("combined", "classifier", "energy", "none"), default="combined",
+        help="stem presence detector filling present/presence_score/active_segments (default: combined = the shipped "
+        "'presence' classifier and the energy detector must agree; classifier or energy alone; none: leave the columns null)",
+    )
 
     syn = sub.add_parser(
         "synth",
@@ -157,6 +165,55 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("dataset", metavar="DATASET")
     ev.add_argument("-o", "--out", required=True, help="report folder")
+    ev.add_argument(
+        "--presence", action="store_true",
+        help="score stem presence instead: precision/recall/F1 per stem of each detector (energy, classifier) "
+        "against DATASET/truth.json, and frame F1 of the active segments; writes OUT/presence.md and Parquet",
+    )
+    ev.add_argument("--presence-weights", metavar="PATH", help="with --presence: classifier weights overriding the shipped ones")
+
+    rx = sub.add_parser(
+        "remix",
+        help="build a remixed training set from a committed run (absent stems filled from other tracks)",
+        description=(
+            "Demucs-style unlabeled-data remixing. For a track where stem S is absent (per the run's presence "
+            "columns), keep its other stems and add S from a track where it is present (tempo-closest of a few "
+            "candidates, its longest active part looped in whole bars), with random gains; the mixture is the exact "
+            "sum of the stems. Writes a MUSDB-layout dataset OUT/<split>/<example>/{mixture,vocals,drums,bass,other}.wav "
+            "(32-bit float WAV; `demix train OUT/train` reads it), OUT/<split>/truth.json and "
+            "OUT/manifests/remixes.parquet with lineage. Deterministic per seed; exactly once and resumable "
+            "(rerun the same command); runs as a Prefect flow on Ray."
+        ),
+    )
+    rx.add_argument("run", metavar="RUN_URI", help="output root of a committed `demix run` (with presence)")
+    rx.add_argument("-o", "--out", required=True, metavar="OUT_URI", help="dataset root: a local path or s3://bucket/prefix")
+    rx.add_argument("--examples", type=int, required=True, help="number of examples")
+    rx.add_argument("--seed", type=int, default=0, help="(default: 0)")
+    rx.add_argument("--seconds", type=float, help="example length (default: the recipient track's whole length)")
+    rx.add_argument("--gain-db", type=float, nargs=2, default=(-3.0, 3.0), metavar=("LOW", "HIGH"), help="random gain range per stem (default: -3 3)")
+    rx.add_argument("--split", default="train", help="dataset folder name (default: train)")
+    rx.add_argument("--workers", type=int, help="CPU actors (default: 1)")
+    rx.add_argument("--ray-address", metavar="ADDR", help="join this Ray cluster (default: start a local instance)")
+    rx.add_argument("--shard-size", type=int, default=32, help="examples per commit (default: 32)")
+    rx.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    ex = sub.add_parser(
+        "export",
+        help="export a committed run for lyrics or transcription jobs (Parquet manifests)",
+        description=(
+            "--task lyrics: cut every present vocal stem into clips along its active segments (3-30 s; neighbours "
+            "within 1 s joined, long parts split) written as FLAC under OUT/clips/<track_id>/, listed in "
+            "OUT/lyrics.parquet (clip_uri, track_id, source_uri, stem, stem_uri, start_s, end_s, ...). "
+            "--task transcription: OUT/transcription.parquet, one row per present bass/other/vocals stem with its "
+            "URI and active segments. Plain Parquet for pandas, DuckDB and Hugging Face datasets."
+        ),
+    )
+    ex.add_argument("--task", required=True, choices=("lyrics", "transcription"))
+    ex.add_argument("run", metavar="RUN_URI", help="output root of a committed `demix run`")
+    ex.add_argument("-o", "--out", required=True, metavar="OUT_URI")
+    ex.add_argument("--min-seconds", type=float, default=3.0, help="lyrics: shortest clip (default: 3)")
+    ex.add_argument("--max-seconds", type=float, default=30.0, help="lyrics: longest clip (default: 30)")
+    ex.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
     sub.add_parser("models", help="list registered models", description="List registered models and where their weights live.")
     return parser
@@ -275,7 +332,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:  # validate everything cheap before starting Prefect and Ray
         Encoding(**_encoding_kwargs(args))
         SeparationSettings(**_settings_kwargs(args))
-        plan_stems(get_entry(args.model).sources, stems=args.stems, two_stems=args.two_stems)
+        entry = get_entry(args.model)
+        if entry.kind != "separator":
+            raise ValueError(f"{args.model!r} is a {entry.kind} model, not a separation model")
+        plan_stems(entry.sources, stems=args.stems, two_stems=args.two_stems)
         if args.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"--device for `demix run` is auto, cpu or cuda (one actor per GPU). Found: {args.device}")
     except (ValueError, ModelLoadError) as err:
@@ -290,7 +350,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             settings=_settings_kwargs(args), encoding=_encoding_kwargs(args), stems=args.stems,
             two_stems=args.two_stems, workers_count=args.workers, device=args.device,
             ray_address=args.ray_address, shard_size=args.shard_size, force=args.force,
-            progress=not args.no_progress,
+            progress=not args.no_progress, presence=args.presence,
         )
     except (CatalogError, StorageError, ModelLoadError) as err:
         print(f"demix: error: {err}", file=sys.stderr)
@@ -321,8 +381,116 @@ def print_run_summary(summary: dict, out: str) -> None:
         print(f"  failed [{f['stage']}] {f['source_uri']}: {f['error_type']}: {f['message'][:160]}")
 
 
+def cmd_presence(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from models.base import ModelLoadError
+    from models.registry import load_model
+    from pipeline.presence import Detector, evaluate_presence
+    from pipeline.separate import SeparationSettings
+
+    try:
+        settings = SeparationSettings(**_settings_kwargs(args), device=_device(args.device))
+        separator = load_model(args.model, weights=args.weights, sha256=args.weights_sha256, device=settings.device)
+        clf = Detector("classifier", weights=args.presence_weights)
+        both = Detector("combined", weights=args.presence_weights)
+        detectors = {"energy": Detector("energy"), "classifier": clf, "combined": both}
+        with tqdm(unit="track", disable=args.no_progress) as bar:
+
+            def progress(done: int, total: int) -> None:
+                bar.total = total
+                bar.n = done
+                bar.refresh()
+
+            report = evaluate_presence(args.dataset, separator, detectors, out=args.out, settings=settings, progress=progress)
+    except (ValueError, ModelLoadError, FileNotFoundError) as err:
+        print(f"demix: error: {err}", file=sys.stderr)
+        return 2
+    print(f"demix evaluate --presence: {args.model} separations of {args.dataset}")
+    print(f"  {'detector':<10} {'stem':<8} {'P':>6} {'R':>6} {'F1':>6} {'absF1':>6} {'frameF1':>7}  present/absent")
+    for name, scores in report.scores.items():
+        for stem, m in scores.per_stem.items():
+            print(
+                f"  {name:<10} {stem:<8} {m['precision']:6.3f} {m['recall']:6.3f} {m['f1']:6.3f} {m['absent_f1']:6.3f} "
+                f"{m['frame_f1']:7.3f}  {m['present']}/{m['absent']}"
+            )
+    for kind, path in report.paths.items():
+        print(f"  {kind}: {path}")
+    return 0
+
+
+def cmd_remix(args: argparse.Namespace) -> int:
+    from pipeline.remix import RemixConfig, RemixError
+    from pipeline.storage import StorageError
+
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    try:
+        RemixConfig(examples=args.examples, seed=args.seed, seconds=args.seconds, gain_db=tuple(args.gain_db), split=args.split)
+        if args.shard_size < 1:
+            raise ValueError(f"--shard-size must be >= 1. Found: {args.shard_size}")
+    except ValueError as err:
+        print(f"demix: error: {err}", file=sys.stderr)
+        return 2
+    from flows.build_remix_dataset import build_remix_dataset
+
+    try:
+        summary = build_remix_dataset(
+            run_uri=args.run, out=args.out, examples=args.examples, seed=args.seed, seconds=args.seconds,
+            gain_db=tuple(args.gain_db), split=args.split, workers_count=args.workers, ray_address=args.ray_address,
+            shard_size=args.shard_size, progress=not args.no_progress,
+        )
+    except (RemixError, StorageError) as err:
+        print(f"demix: error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:  # noqa: BLE001 - the flow's own failure: one line, not a traceback
+        print(f"demix: error: the remix run failed: {type(err).__name__}: {err} (rerun to resume; committed examples are kept)", file=sys.stderr)
+        return 2
+    print(
+        f"demix remix: {summary['examples_planned']} examples planned, {summary['skipped_already_committed']} already done, "
+        f"{summary['built_now']} built, {summary['failed_now']} failed; {summary['committed_total']} committed "
+        f"({', '.join(f'{k}: {v}' for k, v in sorted(summary['by_target_stem'].items()))})"
+    )
+    print(f"  dataset: {summary['dataset']}  (demix train {summary['dataset']} ...)")
+    for kind, uri in summary["manifests"].items():
+        print(f"  {kind + ':':<10} {uri}")
+    for f in summary["failures"]:
+        print(f"  failed [{f['stage']}] {f['track_id']}: {f['error_type']}: {f['message'][:160]}")
+    return 1 if summary["failed_now"] else 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from pipeline.export import ClipRule, ExportError, export_lyrics, export_transcription
+    from pipeline.storage import StorageError
+
+    try:
+        if args.task == "lyrics":
+            rule = ClipRule(min_s=args.min_seconds, max_s=args.max_seconds)
+            with tqdm(unit="stem", disable=args.no_progress) as bar:
+
+                def progress(done: int, total: int) -> None:
+                    bar.total = total
+                    bar.n = done
+                    bar.refresh()
+
+                uri, n = export_lyrics(args.run, args.out, rule=rule, progress=progress)
+            print(f"demix export: {n} vocal clips; manifest {uri}")
+        else:
+            uri, n = export_transcription(args.run, args.out)
+            print(f"demix export: {n} present bass/other/vocals stems; manifest {uri}")
+    except (ExportError, StorageError, ValueError) as err:
+        print(f"demix: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
+
+    if args.presence:
+        return cmd_presence(args)
 
     from models.base import ModelLoadError
     from models.registry import load_model
@@ -401,6 +569,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from models.base import ModelLoadError
     from pipeline.train import TrainConfig, export_checkpoint, train
 
+    if args.model == "presence":  # the presence classifier: trained on separations of DATASET
+        return cmd_train_presence(args)
     if args.model == "nmf":  # not gradient-trained: dictionaries are fitted to the training stems
         from pipeline.train import fit_nmf
 
@@ -435,13 +605,44 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_presence(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from models.base import ModelLoadError
+    from models.registry import load_model
+    from pipeline.presence import labelled_examples, save_classifier, train_classifier
+
+    options = dict(_parse_option(o) for o in args.option)
+    try:
+        separator = load_model(str(options.pop("separator", "unet")))
+        variants = int(options.pop("dropped_variants", 2))
+        with tqdm(unit="song", disable=args.no_progress, desc="separating") as bar:
+
+            def progress(done: int, total: int) -> None:
+                bar.total = total
+                bar.n = done
+                bar.refresh()
+
+            examples = labelled_examples(args.dataset, separator, dropped_variants=variants, seed=args.seed, progress=progress)
+        model = train_classifier(examples, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, **options)
+        path, digest = save_classifier(model, Path(args.export or args.out))
+    except (ValueError, ModelLoadError) as err:
+        print(f"demix: error: {err}", file=sys.stderr)
+        return 2
+    print(f"demix train: presence classifier on {len(examples)} separated songs: {path} (sha256 {digest})")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``demix`` console script; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     handlers = {
-        "separate": cmd_separate, "run": cmd_run, "evaluate": cmd_evaluate, "synth": cmd_synth, "train": cmd_train, "models": cmd_models,
+        "separate": cmd_separate, "run": cmd_run, "evaluate": cmd_evaluate, "synth": cmd_synth, "train": cmd_train,
+        "models": cmd_models, "remix": cmd_remix, "export": cmd_export,
     }
     return handlers[args.command](args)
 

@@ -251,25 +251,35 @@ def commit_shard(out: str, result: ShardResult) -> Commit:
     Returns the commit that holds the shard after the call: this attempt's when it won, the earlier
     winner's otherwise (its rows stand; this attempt's parts are ignored).
     """
-    attempt = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:12]}"
     now = datetime.now(timezone.utc)
-    root = manifests_root(out)
-    extra = {"attempt": attempt}
     tables = {
-        "tracks": _table(result.tracks, TRACKS_SCHEMA, {**extra, "committed_at": now, "shard_id": result.shard_id}),
-        "stems": _table(result.stems, STEMS_SCHEMA, extra),
-        "failures": _table(result.failures, FAILURES_SCHEMA, extra),
+        "tracks": _table(result.tracks, TRACKS_SCHEMA, {"committed_at": now, "shard_id": result.shard_id}),
+        "stems": _table(result.stems, STEMS_SCHEMA, {}),
+        "failures": _table(result.failures, FAILURES_SCHEMA, {}),
     }
+    return commit_tables(out, result.shard_id, tables, [r.track_id for r in result.tracks], now=now)
+
+
+def commit_tables(
+    out: str, shard_id: str, tables: dict[str, pa.Table], ids: Iterable[str], *, now: datetime | None = None
+) -> Commit:
+    """The commit protocol for any set of tables (the catalog's, the remix builder's).
+
+    Each table gets an ``attempt`` column (filled here), is written as
+    ``OUT/manifests/_parts/<shard_id>/<attempt>/<kind>.parquet``, then the shard's commit record is
+    created once. ``ids`` are the unit ids (tracks, examples) the shard holds.
+    """
+    attempt = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:12]}"
+    now = now or datetime.now(timezone.utc)
+    root = manifests_root(out)
     parts = {}
     for kind, table in tables.items():
-        key = f"_parts/{result.shard_id}/{attempt}/{kind}.parquet"
+        table = table.set_column(table.schema.get_field_index("attempt"), "attempt", pa.array([attempt] * len(table), pa.string()))
+        key = f"_parts/{shard_id}/{attempt}/{kind}.parquet"
         _write_bytes(join(root, key), _parquet_bytes(table))
         parts[kind] = key
-    commit = Commit(
-        shard_id=result.shard_id, attempt=attempt, committed_at=now.isoformat(),
-        track_ids=tuple(r.track_id for r in result.tracks), parts=parts,
-    )
-    record = join(root, "_commits", f"{result.shard_id}.json")
+    commit = Commit(shard_id=shard_id, attempt=attempt, committed_at=now.isoformat(), track_ids=tuple(ids), parts=parts)
+    record = join(root, "_commits", f"{shard_id}.json")
     if _create_once(record, json.dumps(asdict(commit), indent=1).encode()):
         return commit
     return _load_commit(record)
@@ -307,14 +317,23 @@ def list_commits(out: str) -> list[Commit]:
     return [_commit_from_json(blob) for blob in _cat_many(fs, names)]
 
 
-def _read_parts(out: str, commits: list[Commit], kind: str) -> pa.Table:
+def _read_parts(out: str, commits: list[Commit], kind: str, schema: pa.Schema | None = None) -> pa.Table:
+    schema = schema or SCHEMAS[kind]
+    commits = [c for c in commits if kind in c.parts]
     if not commits:
-        return SCHEMAS[kind].empty_table()
+        return schema.empty_table()
     root = manifests_root(out)
     fs, _ = filesystem(root)
     paths = [filesystem(join(root, c.parts[kind]))[1] for c in commits]
     tables = [pq.read_table(io.BytesIO(blob)) for blob in _cat_many(fs, paths)]
-    return pa.concat_tables([t.cast(SCHEMAS[kind]) for t in tables])
+    return pa.concat_tables([t.cast(schema) for t in tables])
+
+
+def read_committed(out: str, kind: str, schema: pa.Schema) -> tuple[pa.Table, list[Commit]]:
+    """Every committed row of ``kind`` under ``out`` (duplicates across commits kept), and the commits
+    in shard order."""
+    commits = list_commits(out)
+    return _read_parts(out, commits, kind, schema), commits
 
 
 def read_manifests(out: str) -> dict[str, pa.Table]:
@@ -352,6 +371,12 @@ def committed_ok(out: str, settings_hash: str) -> set[str]:
         r["track_id"] for r in tracks.select(["track_id", "status", "settings_hash"]).to_pylist()
         if r["status"] == "ok" and r["settings_hash"] == settings_hash
     }
+
+
+write_bytes = _write_bytes
+"""Public name of the atomic single-object write (used by flows for small files such as truth.json)."""
+rows_table = _table
+"""Public name of the dataclass-rows -> Arrow table helper."""
 
 
 def write_consolidated(out: str, tables: dict[str, pa.Table]) -> dict[str, str]:

@@ -43,6 +43,13 @@ class RunSpec:
     stems: tuple[str, ...] | None = None
     two_stems: str | None = None
     registry_module: str | None = None
+    presence: str = "combined"
+
+    def load_presence(self, separator: Separator):
+        """The :class:`pipeline.presence.Detector` of this run (``presence`` is one of its kinds)."""
+        from pipeline.presence import Detector
+
+        return Detector(self.presence, sources=separator.sources)
 
     def load(self, device: str | None = None) -> Separator:
         from models.registry import load_model
@@ -54,8 +61,9 @@ class RunSpec:
             device=device or self.settings.device, **dict(self.model_options),
         )
 
-    def settings_hash(self, model_sha256: str | None) -> str:
-        """Hash of what changes the stems: model, weights digest, options, settings, encoding, stems."""
+    def settings_hash(self, model_sha256: str | None, presence_sha256: str | None = None) -> str:
+        """Hash of what changes the stems and their manifest rows: model, weights digest, options,
+        settings, encoding, stems, and the presence detector (with the classifier's digest)."""
         payload = {
             "model": self.model,
             "weights_sha256": model_sha256,
@@ -64,6 +72,7 @@ class RunSpec:
             "encoding": asdict(self.encoding),
             "stems": self.stems,
             "two_stems": self.two_stems,
+            "presence": [self.presence, presence_sha256],
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -81,9 +90,12 @@ def _source_bytes(uri: str) -> int | None:
 
 
 def process_track(
-    model: Separator, track: Track, spec: RunSpec, *, settings_hash: str
+    model: Separator, track: Track, spec: RunSpec, *, settings_hash: str, detector=None
 ) -> tuple[TrackRow, list[StemRow], list[FailureRow]]:
     """Separate ``track`` into ``spec.out/stems/<track_id>/``; return its manifest rows.
+
+    With a ``detector`` (:meth:`RunSpec.load_presence`) the stem rows carry ``present``,
+    ``presence_score`` and ``active_segments``.
 
     Never raises for a bad track: the failure becomes a ``FailureRow`` naming the stage.
     """
@@ -96,7 +108,9 @@ def process_track(
         model_sha256=getattr(model, "weights_sha256", None), settings_hash=settings_hash, elapsed_s=0.0,
     )
     try:
-        result = separate_track(model, track.uri, outputs, plan=plan, encoding=spec.encoding, settings=spec.settings)
+        result = separate_track(
+            model, track.uri, outputs, plan=plan, encoding=spec.encoding, settings=spec.settings, presence=detector
+        )
     except TrackError as err:
         row.status = "failed"
         row.elapsed_s = time.perf_counter() - started
@@ -111,7 +125,14 @@ def process_track(
             track_id=track.track_id, stem=stem, uri=uri, format=spec.encoding.format,
             sample_rate=model.sample_rate, channels=model.audio_channels, num_frames=result.num_frames,
             duration_s=result.duration_s, rms_dbfs=result.rms_dbfs[stem],
+            **_presence_columns(result.presence.get(stem)),
         )
         for stem, uri in result.stems.items()
     ]
     return row, stems, []
+
+
+def _presence_columns(verdict) -> dict:
+    if verdict is None:
+        return {}
+    return {"present": verdict.present, "presence_score": verdict.score, "active_segments": verdict.segment_dicts()}

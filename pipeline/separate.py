@@ -369,7 +369,7 @@ def plan_stems(
 
 
 class TrackError(RuntimeError):
-    """Separating one track failed; ``stage`` is read, decode, separate, encode or write."""
+    """Separating one track failed; ``stage`` is read, decode, separate, encode, presence or write."""
 
     def __init__(self, source: str, stage: str, cause: BaseException) -> None:
         super().__init__(f"{source}: {stage} failed: {type(cause).__name__}: {cause}")
@@ -398,6 +398,7 @@ class TrackResult:
     decoder: str = ""
     num_frames: int = 0  # output frames per stem, at the model's rate
     rms_dbfs: dict[str, float] = field(default_factory=dict)  # per stem, as written (before clip handling)
+    presence: dict = field(default_factory=dict)  # stem -> pipeline.presence.Presence (when a detector ran)
 
 
 def _stage_of(err: BaseException, default: str) -> str:
@@ -419,6 +420,7 @@ def separate_track(
     settings: SeparationSettings = SeparationSettings(),
     block_seconds: float = 30.0,
     progress: Callable[[float], None] | None = None,
+    presence=None,
 ) -> TrackResult:
     """Decode ``source``, separate it chunk by chunk and write each stem in ``plan`` to ``outputs[stem]``.
 
@@ -430,9 +432,12 @@ def separate_track(
         outputs: final URI for every stem name in ``plan``.
         encoding: a :class:`pipeline.audio.Encoding`.
         progress: called with seconds of input processed after each block.
+        presence: a :class:`pipeline.presence.Detector`; frame features of every model source, every
+            summed stem and the mixture (the sum of the sources) are gathered while encoding, and
+            the detector's verdict per written stem lands in :attr:`TrackResult.presence`.
 
     Raises:
-        TrackError: naming the source and the stage (read, decode, separate, encode, write).
+        TrackError: naming the source and the stage (read, decode, separate, encode, presence, write).
     """
     import time
 
@@ -477,11 +482,20 @@ def separate_track(
                 frames = 0
 
                 energy = dict.fromkeys(plan.names, 0.0)
+                features = None
+                if presence is not None:
+                    from pipeline.presence import MIXTURE, FrameFeatures
+
+                    summed = tuple(n for n in plan.names if n not in model.sources)
+                    features = FrameFeatures((*model.sources, *summed, MIXTURE), model.sample_rate)
 
                 def encode(est: Tensor) -> None:
-                    for stem, wav in plan.apply(est).items():
+                    stems = plan.apply(est)
+                    for stem, wav in stems.items():
                         energy[stem] += float(wav.double().square().sum())
                         writers[stem].write(wav)
+                    if features is not None:
+                        features.push(torch.cat([est, torch.stack([stems[n] for n in summed] + [est.sum(0)])]))
 
                 stage = "separate"
                 # decoding runs ahead and encoding runs behind in their own threads, so the model
@@ -491,6 +505,10 @@ def separate_track(
                         frames += est.shape[-1]
                         behind.submit(est)
                 stage = "encode"
+            verdict = {}
+            if features is not None:
+                stage = "presence"
+                verdict = presence(features.finish(), plan.names)
             stage = "write"
             committed = staged.commit()
     except TrackError:
@@ -507,6 +525,7 @@ def separate_track(
         decoder=info.decoder,
         num_frames=frames,
         rms_dbfs={stem: _dbfs(e, frames * model.audio_channels) for stem, e in energy.items()},
+        presence=verdict,
     )
 
 

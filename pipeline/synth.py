@@ -1231,7 +1231,7 @@ def render_song(index: int, config: SynthConfig) -> dict[str, np.ndarray]:
 # --- dataset ------------------------------------------------------------------------------------------------------
 
 
-def _write_wav(path: Path, audio: np.ndarray, sample_rate: int) -> None:
+def write_float_wav(path: str | Path, audio: np.ndarray, sample_rate: int) -> None:
     """32-bit float WAV with fixed bytes (libsndfile would add a PEAK chunk holding the write time)."""
     channels, frames = audio.shape
     data = np.ascontiguousarray(audio.T, dtype="<f4").tobytes()
@@ -1296,7 +1296,7 @@ def synth_dataset(out: str | Path, config: SynthConfig, *,
             audio = render_song(index, pinned)
             with tempfile.TemporaryDirectory(prefix=f".tmp-{name}-", dir=out) as tmp:
                 for f in files:
-                    _write_wav(Path(tmp) / f, audio[f[:-4]], config.sample_rate)
+                    write_float_wav(Path(tmp) / f, audio[f[:-4]], config.sample_rate)
                 folder.mkdir(exist_ok=True)
                 for f in files:
                     os.replace(Path(tmp) / f, folder / f)

@@ -133,6 +133,7 @@ class SeparatorActor:
         self.attempts = attempts
         self.max_attempts = max_attempts
         self.model = spec.load(device=device)
+        self.detector = spec.load_presence(self.model)
 
     def _start(self, track_id: str) -> int:
         if self.attempts is None:
@@ -156,7 +157,9 @@ class SeparatorActor:
                 digest = getattr(self.model, "weights_sha256", None)
                 row, stems, failures = given_up(track, self.spec, self.settings_hash, digest, attempt - 1)
             else:
-                row, stems, failures = process_track(self.model, track, self.spec, settings_hash=self.settings_hash)
+                row, stems, failures = process_track(
+                    self.model, track, self.spec, settings_hash=self.settings_hash, detector=self.detector
+                )
             self._finish(track.track_id)
             out["shard_id"].append(str(shard_id))
             out["track_id"].append(str(track_id))
@@ -188,38 +191,22 @@ def run_shards(
     runs on the driver. A track is started at most ``max_attempts`` times (see :class:`SeparatorActor`).
     """
     import ray
-    from ray.data import DataContext
 
     items = [{"shard_id": s.shard_id, "track_id": t.track_id, "uri": t.uri} for s in shards for t in s.tracks]
     if not items:
         return 0
-    ctx = DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
     pending = {s.shard_id: len(s.tracks) for s in shards}
     results = {s.shard_id: ShardResult(s.shard_id) for s in shards}
     if max_attempts < 1:
         raise ValueError(f"max_attempts must be >= 1. Found: {max_attempts}")
     attempts = ray.remote(num_cpus=0)(AttemptCounter).remote()
-    # blocks of at most TRACKS_PER_BLOCK tracks (a retry after an actor died redoes at most that many;
-    # one block per track made Ray Data's start-up crawl at 10^5 tracks), and at least a few blocks
-    # per actor so every actor gets work
-    blocks = min(len(items), max(math.ceil(len(items) / TRACKS_PER_BLOCK), 4 * resources.actors))
-    ds = ray.data.from_items(items, override_num_blocks=blocks)
-    ds = ds.map_batches(
-        actor_cls,
-        fn_constructor_kwargs={
-            "spec": spec, "settings_hash": settings_hash, "device": resources.device,
-            "threads": int(resources.cpus_per_actor), "attempts": attempts, "max_attempts": max_attempts,
-        },
-        batch_size=1,
-        compute=ray.data.ActorPoolStrategy(size=resources.actors),
-        num_gpus=resources.gpus_per_actor or None,
-        num_cpus=resources.cpus_per_actor,
-    )  # Ray Data gives pool actors max_restarts=-1 and max_task_retries=-1: a dead actor's batch is retried
+    kwargs = {
+        "spec": spec, "settings_hash": settings_hash, "device": resources.device,
+        "threads": int(resources.cpus_per_actor), "attempts": attempts, "max_attempts": max_attempts,
+    }
     done = 0
     try:
-        for row in _iter_rows(ds):
+        for row in _stream(items, actor_cls, kwargs, resources):
             track, stems, failures = _decode(row["result"])
             shard = results.get(row["shard_id"])
             if shard is None or any(t.track_id == track.track_id for t in shard.tracks):
@@ -233,6 +220,112 @@ def run_shards(
             pending[row["shard_id"]] -= 1
             if pending[row["shard_id"]] == 0:
                 on_shard(results.pop(row["shard_id"]))
+    finally:
+        ray.kill(attempts)
+    return done
+
+
+def _stream(items: list[dict], actor_cls: type, kwargs: dict, resources: Resources) -> Iterator[dict]:
+    """Send ``items`` (dicts with ``shard_id``, ``track_id``, ...) through a pool of ``actor_cls``
+    built with ``kwargs``; yield each result row as it arrives (possibly twice after a retry)."""
+    import ray
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    # blocks of at most TRACKS_PER_BLOCK items (a retry after an actor died redoes at most that many;
+    # one block per item made Ray Data's start-up crawl at 10^5 tracks), and at least a few blocks
+    # per actor so every actor gets work
+    blocks = min(len(items), max(math.ceil(len(items) / TRACKS_PER_BLOCK), 4 * resources.actors))
+    ds = ray.data.from_items(items, override_num_blocks=blocks)
+    ds = ds.map_batches(
+        actor_cls,
+        fn_constructor_kwargs=kwargs,
+        batch_size=1,
+        compute=ray.data.ActorPoolStrategy(size=resources.actors),
+        num_gpus=resources.gpus_per_actor or None,
+        num_cpus=resources.cpus_per_actor,
+    )  # Ray Data gives pool actors max_restarts=-1 and max_task_retries=-1: a dead actor's batch is retried
+    yield from _iter_rows(ds)
+
+
+class RemixActor:
+    """Builds remix examples (:func:`pipeline.remix.build_example`); a bad example becomes a failure
+    row. Like :class:`SeparatorActor`, an example whose build killed the process ``max_attempts``
+    times is given up."""
+
+    def __init__(self, attempts=None, max_attempts: int = MAX_ATTEMPTS_PER_TRACK) -> None:
+        self.attempts = attempts
+        self.max_attempts = max_attempts
+
+    def __call__(self, batch: dict) -> dict:
+        import ray
+
+        from pipeline.remix import Recipe, build_example
+        from pipeline.separate import TrackError
+
+        out: dict[str, list] = {"shard_id": [], "track_id": [], "result": []}
+        for shard_id, example_id, text in zip(batch["shard_id"], batch["track_id"], batch["recipe"]):
+            recipe = Recipe.from_json(str(text))
+            n = ray.get(self.attempts.start.remote(recipe.example_id)) if self.attempts is not None else 1
+            result: dict = {"row": None, "failure": None}
+            if n > self.max_attempts:
+                message = f"the remix worker died {n - 1} times while building this example; given up"
+                result["failure"] = asdict(FailureRow(recipe.example_id, recipe.run_uri, "remix", "WorkerDied", message, n - 1))
+            else:
+                try:
+                    result["row"] = build_example(recipe)
+                except TrackError as err:
+                    result["failure"] = asdict(
+                        FailureRow(recipe.example_id, recipe.run_uri, err.stage, err.error_type, str(err)[:2000])
+                    )
+            if self.attempts is not None:
+                ray.get(self.attempts.finish.remote(recipe.example_id))
+            out["shard_id"].append(str(shard_id))
+            out["track_id"].append(str(example_id))
+            out["result"].append(json.dumps(result))
+        return out
+
+
+def run_remix_shards(
+    shards: Sequence[tuple[str, Sequence]],
+    *,
+    workers: int | None,
+    on_shard: Callable[[str, list[dict], list[FailureRow]], None],
+    on_example: Callable[[bool], None] | None = None,
+    max_attempts: int = MAX_ATTEMPTS_PER_TRACK,
+) -> int:
+    """Build every recipe of ``shards`` (``(shard_id, [Recipe, ...])``) on a pool of CPU actors;
+    call ``on_shard(shard_id, rows, failures)`` as each shard completes. Returns examples built."""
+    import ray
+
+    items = [{"shard_id": sid, "track_id": r.example_id, "recipe": r.to_json()} for sid, recipes in shards for r in recipes]
+    if not items:
+        return 0
+    resources = plan_resources(workers, "cpu")
+    pending = {sid: len(recipes) for sid, recipes in shards}
+    rows: dict[str, dict[str, dict]] = {sid: {} for sid, _ in shards}
+    failures: dict[str, dict[str, FailureRow]] = {sid: {} for sid, _ in shards}
+    attempts = ray.remote(num_cpus=0)(AttemptCounter).remote()
+    done = 0
+    try:
+        for item in _stream(items, RemixActor, {"attempts": attempts, "max_attempts": max_attempts}, resources):
+            sid, eid = item["shard_id"], item["track_id"]
+            if sid not in pending or eid in rows[sid] or eid in failures[sid]:
+                continue  # a retried batch delivered twice
+            result = json.loads(item["result"])
+            if result["row"] is not None:
+                rows[sid][eid] = result["row"]
+            else:
+                failures[sid][eid] = FailureRow(**result["failure"])
+            done += 1
+            if on_example is not None:
+                on_example(result["row"] is not None)
+            pending[sid] -= 1
+            if pending[sid] == 0:
+                del pending[sid]
+                on_shard(sid, list(rows.pop(sid).values()), list(failures.pop(sid).values()))
     finally:
         ray.kill(attempts)
     return done

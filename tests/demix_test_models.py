@@ -71,3 +71,36 @@ def _gain(*, delay_s: float = 0.0, die_marker: str = "", nan_after: int = -1, di
 
 if "test-gain" not in {e.name for e in list_models()}:  # imported once per process, but pytest may import it under two names
     register(ModelEntry(name="test-gain", factory=_gain, sample_rate=8000, sources=SOURCES, description="test only"))
+
+
+BAND_EDGES_HZ = {"bass": (0.0, 150.0), "vocals": (150.0, 600.0), "drums": (600.0, 1500.0), "other": (1500.0, 1e9)}
+"""``test-bands`` routes each frequency range to one source (pure tones give known stems)."""
+
+
+class BandModel(Separator):
+    """``(batch, channels, time) -> (batch, sources, channels, time)``: source k keeps the FFT bins of
+    its frequency range; the masks partition the spectrum, so the sources sum to the input."""
+
+    masks_sum_to_one = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sources = SOURCES
+        self.sample_rate = 8000
+        self.segment = 1.0
+        self.register_buffer("unused", torch.zeros(1))
+
+    def forward(self, mix: torch.Tensor) -> torch.Tensor:
+        n = mix.shape[-1]
+        spec = torch.fft.rfft(mix, dim=-1)
+        freqs = torch.fft.rfftfreq(n, 1.0 / self.sample_rate)
+        outs = []
+        for s in self.sources:
+            lo, hi = BAND_EDGES_HZ[s]
+            mask = ((freqs >= lo) & (freqs < hi)).to(spec.dtype)
+            outs.append(torch.fft.irfft(spec * mask, n=n, dim=-1))
+        return torch.stack(outs, 1)
+
+
+if "test-bands" not in {e.name for e in list_models()}:
+    register(ModelEntry(name="test-bands", factory=BandModel, sample_rate=8000, sources=SOURCES, description="test only"))

@@ -1,0 +1,157 @@
+"""The remix flow: plan -> build (Ray) -> commit (per shard) -> report. Thin: each task calls one
+pipeline function (:mod:`pipeline.remix`, :mod:`pipeline.manifest`, :mod:`pipeline.workers`).
+
+Exactly once like the catalog flow: examples have deterministic ids and file keys, rows reach
+``remixes.parquet`` only through a shard's create-once commit record, and a rerun skips examples
+already committed. Storage credentials come from the standard AWS environment, never parameters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+
+import pyarrow as pa
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from pipeline import manifest, remix, workers
+from pipeline.storage import is_remote, join, local_path
+
+
+@dataclass(frozen=True)
+class RemixPlan:
+    shards: list[tuple[str, list[remix.Recipe]]]
+    total: int
+    skipped: int
+    digest: str
+
+
+def _root(uri: str) -> str:
+    return uri.rstrip("/") if is_remote(uri) else os.path.abspath(local_path(uri))
+
+
+def retryable(task, task_run, state) -> bool:
+    """Retry storage hiccups, not a run that cannot be remixed or a bad argument."""
+    err = state.result(raise_on_failure=False)
+    return not isinstance(err, (remix.RemixError, ValueError, TypeError, FileNotFoundError, PermissionError))
+
+
+@task(retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retryable, cache_policy=NO_CACHE)
+def plan(run_uri: str, out: str, config: remix.RemixConfig, shard_size: int) -> RemixPlan:
+    """Read the run's committed manifests, plan every example, drop those already committed, shard."""
+    tables = manifest.read_manifests(run_uri)
+    sources = remix.stem_sources(tables["stems"], tables["tracks"])
+    recipes = remix.plan_remixes(sources, config, run_uri=run_uri, out=out)
+    done = remix.committed_examples(out)
+    pending = [r for r in recipes if r.example_id not in done]
+    run_id = uuid.uuid4().hex
+    shards = []
+    for i in range(0, len(pending), shard_size):
+        group = pending[i : i + shard_size]
+        digest = hashlib.sha256("\n".join([run_id, *(r.example_id for r in group)]).encode()).hexdigest()[:16]
+        shards.append((f"remix-{digest}", group))
+    return RemixPlan(shards, len(recipes), len(recipes) - len(pending), recipes[0].plan_digest)
+
+
+@task(retries=3, retry_delay_seconds=[1, 5, 15], retry_condition_fn=retryable, cache_policy=NO_CACHE)
+def commit(out: str, shard_id: str, rows: list[dict], failures: list[manifest.FailureRow]) -> manifest.Commit:
+    """Write one shard's ``remixes`` and ``failures`` parts and create its commit record."""
+    tables = {
+        "remixes": pa.Table.from_pylist([{**r, "attempt": None} for r in rows], schema=remix.REMIXES_SCHEMA),
+        "failures": manifest.rows_table(failures, manifest.FAILURES_SCHEMA, {}),
+    }
+    ids = [r["example_id"] for r in rows] + [f.track_id for f in failures]
+    return manifest.commit_tables(out, shard_id, tables, ids)
+
+
+@task(cache_policy=NO_CACHE)
+def execute(the_plan: RemixPlan, out: str, n_workers: int | None, ray_address: str | None, progress: bool) -> dict:
+    """Build every pending example on the Ray actor pool, committing each shard as it completes."""
+    from tqdm import tqdm
+
+    workers.init_ray(ray_address)
+    get_run_logger().info("remix: %d examples to build in %d shards", sum(len(r) for _, r in the_plan.shards), len(the_plan.shards))
+    stats = {"ok": 0, "failed": 0, "commits": 0}
+    started = time.perf_counter()
+    total = sum(len(r) for _, r in the_plan.shards)
+    with tqdm(total=total, unit="example", disable=not progress, file=sys.stderr, dynamic_ncols=True) as bar:
+
+        def on_example(ok: bool) -> None:
+            stats["ok" if ok else "failed"] += 1
+            bar.update(1)
+
+        def on_shard(shard_id: str, rows: list[dict], failures: list[manifest.FailureRow]) -> None:
+            commit(out, shard_id, rows, failures)
+            stats["commits"] += 1
+
+        workers.run_remix_shards(the_plan.shards, workers=n_workers, on_shard=on_shard, on_example=on_example)
+    stats["wall_s"] = time.perf_counter() - started
+    return stats
+
+
+@task(retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retryable, cache_policy=NO_CACHE)
+def report(out: str, split: str, the_plan: RemixPlan, stats: dict) -> dict:
+    """Consolidate ``remixes.parquet`` / ``failures.parquet``, write ``<split>/truth.json``, publish an artifact."""
+    remixes, failures = remix.consolidated(out)
+    rows = [r for r in remixes.to_pylist() if r["split"] == split]
+    paths = manifest.write_consolidated(out, {"remixes": remixes, "failures": failures})
+    truth_uri = join(out, split, "truth.json")
+    manifest.write_bytes(truth_uri, json.dumps(remix.truth_of(rows), indent=1, sort_keys=True).encode())
+    by_stem: dict[str, int] = {}
+    for r in rows:
+        by_stem[r["target_stem"]] = by_stem.get(r["target_stem"], 0) + 1
+    summary = {
+        "examples_planned": the_plan.total,
+        "skipped_already_committed": the_plan.skipped,
+        "built_now": stats["ok"],
+        "failed_now": stats["failed"],
+        "committed_total": remixes.num_rows,
+        "failed_total": failures.num_rows,
+        "by_target_stem": by_stem,
+        "hours_total": sum(r["duration_s"] for r in rows) / 3600,
+        "wall_seconds_now": stats.get("wall_s", 0.0),
+        "dataset": join(out, split),
+        "manifests": {**paths, "truth": truth_uri},
+        "failures": [{k: f[k] for k in ("track_id", "stage", "error_type", "message")} for f in failures.to_pylist()],
+    }
+    lines = [
+        "# demix build-remix-dataset", "", "| | |", "| --- | --- |",
+        f"| examples planned | {the_plan.total} |", f"| skipped (already committed) | {the_plan.skipped} |",
+        f"| built now / failed now | {stats['ok']} / {stats['failed']} |",
+        f"| committed examples (all runs) | {remixes.num_rows} |",
+        f"| target stems | {', '.join(f'{k}: {v}' for k, v in sorted(by_stem.items()))} |",
+        f"| hours of audio | {summary['hours_total']:.3f} |", "",
+    ]
+    create_markdown_artifact(markdown="\n".join(lines), key="build-remix-dataset-report", description="demix remix summary")
+    return summary
+
+
+@flow(name="build-remix-dataset", log_prints=False)
+def build_remix_dataset(
+    run_uri: str,
+    out: str,
+    examples: int,
+    seed: int = 0,
+    seconds: float | None = None,
+    gain_db: tuple[float, float] = (-3.0, 3.0),
+    split: str = "train",
+    workers_count: int | None = None,
+    ray_address: str | None = None,
+    shard_size: int = 32,
+    progress: bool = True,
+) -> dict:
+    """Build ``examples`` remixed examples from the committed separation run at ``run_uri`` into ``out``."""
+    config = remix.RemixConfig(examples=examples, seed=seed, seconds=seconds, gain_db=tuple(gain_db), split=split)
+    run_uri, out = _root(run_uri), _root(out)
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1. Found: {shard_size}")
+    the_plan = plan(run_uri, out, config, shard_size)
+    stats = execute(the_plan, out, workers_count, ray_address, progress)
+    return report(out, config.split, the_plan, stats)
