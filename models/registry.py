@@ -237,7 +237,7 @@ PRESENCE = register(
         sha256="b6e8d0a009840fd4b2d3d424aec2dccd93ac0d60fce9d09fb8a9fe40f97fc2dd",
         description=(
             "stem presence classifier over 50 ms frame features of a unet separation; trained by demix on "
-            "separated synthetic songs with stems left out (demix train --model presence), 0.2 MB"
+            "separated synthetic songs with stems left out (demix train --model presence), 0.3 MB"
         ),
         kind="presence",
     )

@@ -147,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     tr.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    tr.add_argument("--init-weights", metavar="PATH_OR_URI", help="start from these weights (fine-tuning) instead of from scratch")
     tr.add_argument("--export", metavar="DIR", help="after training, export the best weights to DIR")
     tr.add_argument("--half", action="store_true", help="export in float16 (half the size)")
     tr.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -241,7 +242,8 @@ def cmd_models(_: argparse.Namespace) -> int:
         if weights is None:
             trainable = any(True for _ in entry.factory().parameters())
             weights = "none: untrained unless --weights is given" if trainable else "none needed"
-        print(f"{entry.name}{default}\n  {entry.description}\n  rate {entry.sample_rate} Hz, stems {', '.join(entry.sources)}\n  weights {weights}")
+        kind = "" if entry.kind == "separator" else f" [{entry.kind} model: used by `demix run --presence`]"
+        print(f"{entry.name}{default}{kind}\n  {entry.description}\n  rate {entry.sample_rate} Hz, stems {', '.join(entry.sources)}\n  weights {weights}")
         if entry.options():
             print(f"  options: {', '.join(entry.options())}")
     return 0
@@ -587,7 +589,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             dataset=args.dataset, model=args.model, model_options=dict(_parse_option(o) for o in args.option),
             valid_dataset=args.valid, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
             excerpt_seconds=args.excerpt, valid_every=args.valid_every, checkpoint_every=args.checkpoint_every,
-            seed=args.seed, device=args.device, num_threads=args.threads,
+            seed=args.seed, device=args.device, num_threads=args.threads, init_weights=args.init_weights,
         )
 
         def log(record: dict) -> None:

@@ -70,6 +70,7 @@ class TrainConfig:
         num_threads: ``torch.set_num_threads`` for this process when set; left alone otherwise.
         grad_clip: max gradient norm, ``None`` for no clipping.
         augment: training augmentation.
+        init_weights: weights file (path or URI) to start from (fine-tuning); ``None`` trains from scratch.
     """
 
     dataset: str
@@ -93,6 +94,7 @@ class TrainConfig:
     num_threads: int | None = None
     grad_clip: float | None = 5.0
     augment: AugmentConfig = AugmentConfig()
+    init_weights: str | None = None
 
     def __post_init__(self) -> None:
         checks = [
@@ -307,7 +309,8 @@ def train(
         raise ValueError(f"{out} holds state.pt without config.json; refusing to resume an unknown run")
 
     entry = get_entry(config.model)
-    model = load_model(config.model, device=device, pretrained=False, **config.model_options)  # from scratch
+    # from scratch, or from init_weights (fine-tuning)
+    model = load_model(config.model, device=device, pretrained=False, weights=config.init_weights, **config.model_options)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:

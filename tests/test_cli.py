@@ -117,3 +117,42 @@ def test_module_entry_runs_in_subprocess(inputs, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "Café (live) 'take 2' \"final\"" / "vocals.wav").is_file()
+
+
+def test_new_commands_have_help_with_their_options():
+    exe = Path(sys.executable).with_name("demix")
+    for command, flags in {
+        "remix": ("--examples", "--seed", "--seconds", "--gain-db", "--workers", "--ray-address", "remixes.parquet"),
+        "export": ("--task", "lyrics", "transcription", "lyrics.parquet"),
+        "evaluate": ("--presence", "--presence-weights"),
+        "run": ("--presence", "combined"),
+        "train": ("--init-weights",),
+    }.items():
+        out = subprocess.run([str(exe), command, "--help"], capture_output=True, text=True, check=True).stdout
+        for flag in flags:
+            assert flag in out, (command, flag)
+
+
+@pytest.mark.timeout(300)
+def test_evaluate_presence_on_a_small_synthetic_set(tmp_path, capsys):
+    """`demix evaluate --presence` separates each song once and scores three detectors against truth.json."""
+    import pyarrow.parquet as pq
+
+    from pipeline.synth import SynthConfig, synth_dataset
+
+    data = tmp_path / "data"
+    truth = synth_dataset(data, SynthConfig(tracks=3, seconds=8.0, seed=21, absent_share=1.0))
+    assert any(not all(t.values()) for t in truth.values())
+    out = tmp_path / "report"
+    assert main(["evaluate", "--presence", str(data), "-o", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "combined" in printed and "absF1" in printed
+    scores = pq.read_table(out / "presence_scores.parquet").to_pylist()
+    assert {(r["detector"], r["stem"]) for r in scores} == {(d, s) for d in ("energy", "classifier", "combined") for s in ("vocals", "drums", "bass", "other")}
+    for r in scores:
+        assert r["tracks"] == 3 and r["present"] + r["absent"] == 3
+        assert r["present"] == sum(truth[t][r["stem"]] for t in truth)
+        assert 0.0 <= r["f1"] <= 1.0
+    preds = pq.read_table(out / "presence_predictions.parquet").to_pylist()
+    assert len(preds) == 3 * 3 * 4 and all((p["presence_score"] >= 0.5) == p["present"] for p in preds)
+    assert (out / "presence.md").read_text().count("| combined |") == 4
