@@ -110,6 +110,12 @@ def report(out: str, the_plan: Plan, stats: dict) -> dict:
     failures = tables["failures"].to_pylist()
     tracks = tables["tracks"].to_pylist()
     hours = sum((r["duration_s"] or 0.0) for r in tracks if r["status"] == "ok") / 3600
+    presence: dict[str, list[int]] = {}  # stem -> [present, judged]
+    for r in tables["stems"].select(["stem", "present"]).to_pylist():
+        if r["present"] is not None:
+            counts = presence.setdefault(r["stem"], [0, 0])
+            counts[0] += int(r["present"])
+            counts[1] += 1
     rtf = stats["audio_s"] / stats["wall_s"] if stats.get("wall_s") else 0.0
     summary = {
         "catalog_tracks": the_plan.total,
@@ -124,6 +130,7 @@ def report(out: str, the_plan: Plan, stats: dict) -> dict:
         "wall_seconds_now": stats.get("wall_s", 0.0),
         "realtime_factor_now": rtf,
         "manifests": paths,
+        "presence": {stem: {"present": p, "tracks": n} for stem, (p, n) in presence.items()},
         "failures": [{k: f[k] for k in ("track_id", "source_uri", "stage", "error_type", "message")} for f in failures],
     }
     lines = [
@@ -138,6 +145,7 @@ def report(out: str, the_plan: Plan, stats: dict) -> dict:
         f"| committed ok / failed (all runs) | {summary['committed_ok_total']} / {summary['committed_failed_total']} |",
         f"| hours of audio (committed) | {hours:.3f} |",
         f"| real-time factor (this run) | {rtf:.2f}x |",
+        *[f"| {stem} present (committed) | {p} of {n} |" for stem, (p, n) in presence.items()],
         "",
     ]
     if failures:

@@ -376,6 +376,9 @@ def print_run_summary(summary: dict, out: str) -> None:
         f"({summary['realtime_factor_now']:.2f}x real time); committed in total: {summary['committed_ok_total']} ok, "
         f"{summary['committed_failed_total']} failed, {summary['hours_of_audio_total']:.3f} h of audio"
     )
+    if summary.get("presence"):
+        judged = ", ".join(f"{stem} {c['present']}/{c['tracks']}" for stem, c in summary["presence"].items())
+        print(f"  stems present (committed): {judged}")
     print(f"  stem audio: {out.rstrip('/')}/stems/<track_id>/<stem>.<ext>")
     for kind, uri in summary["manifests"].items():
         print(f"  {kind + ' manifest:':<18} {uri}")

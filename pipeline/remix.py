@@ -389,8 +389,11 @@ def _build(recipe: Recipe) -> dict:
     rec_tempo = estimate_tempo(beat_ref, rate) if beat_ref is not None else None
     best, best_d, donor_tempo = 0, math.inf, None
     for i, (d, beat_uri) in enumerate(zip(recipe.donors, recipe.donor_beats)):
-        audio, r = _read(beat_uri or d["uri"], 0, min(int(60 * rate), int(d["duration_s"] * rate)))
-        tempo = estimate_tempo(audio, r)
+        try:
+            audio, r = _read(beat_uri or d["uri"], 0, min(int(60 * rate), int(d["duration_s"] * rate)))
+            tempo = estimate_tempo(audio, r)
+        except Exception:  # noqa: BLE001 - an unreadable candidate is just not preferred; the chosen donor is read below
+            tempo = None
         dist = tempo_distance(rec_tempo, tempo)
         if i == 0 or dist < best_d:
             best, best_d, donor_tempo = i, dist, tempo

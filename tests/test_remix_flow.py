@@ -79,6 +79,9 @@ def _stems_by_track(out: str) -> dict[str, dict[str, dict]]:
 def test_catalog_flow_fills_presence_columns(separated):
     out, summary = separated
     assert summary["ok_now"] == len(TRACKS)
+    assert summary["presence"] == {
+        s: {"present": sum(s in t for t in TRACKS.values()), "tracks": len(TRACKS)} for s in FREQ
+    }
     got = _stems_by_track(out)
     for name, stems in TRACKS.items():
         for stem in FREQ:
@@ -213,6 +216,26 @@ def test_exports_round_trip(separated, tmp_path):
     assert sorted((by_id[t], s) for t, s in zip(tx.track_id, tx.stem)) == expect
     row = tx[(tx.track_id == got["nobass"]["other"]["track_id"]) & (tx.stem == "other")].iloc[0]
     assert [(round(s["start_s"], 1), round(s["end_s"], 1)) for s in row.active_segments] == [(1.0, 4.0)]
+    # DuckDB reads the same files, nested segments included
+    import duckdb
+
+    assert duckdb.sql(f"select count(*) from '{tmp_path / 'lyrics' / 'lyrics.parquet'}'").fetchone()[0] == len(clips)
+    segs = duckdb.sql(
+        f"select track_id, stem, unnest(active_segments, recursive := true) from '{uri}' order by all"
+    ).fetchall()
+    assert len(segs) == sum(len(x) for x in tx.active_segments)
+
+
+def test_remixes_manifest_reads_in_duckdb(separated, tmp_path):
+    import duckdb
+
+    run, _ = separated
+    _remix(run, str(tmp_path / "r"), examples=2)
+    path = tmp_path / "r" / "manifests" / "remixes.parquet"
+    rows = duckdb.sql(
+        f"select example_id, s.stem, s.role, s.source_track_id, s.gain_db from '{path}', unnest(stems) as t(s) order by all"
+    ).fetchall()
+    assert len(rows) == 2 * 4 and {r[2] for r in rows} <= {"recipient", "donor", "silent"}
 
 
 def test_remix_writes_to_s3(separated, s3):
@@ -227,3 +250,31 @@ def test_remix_writes_to_s3(separated, s3):
     assert sum(k.endswith("/mixture.wav") for k in keys) == 2
     again = _remix(run, s3.uri("remix"), examples=2)
     assert again["built_now"] == 0 and consolidated(s3.uri("remix"))[0].num_rows == 2
+
+
+def test_remix_bad_stem_is_a_failure_row_and_a_rerun_completes(tmp_path, ray_cluster, prefect_api, tone_catalog):
+    """A recipient stem that cannot be read fails its examples (stage read, the example named), the
+    others are committed; once the file is back, a rerun builds only the failed ones."""
+    from flows.separate_catalog import separate_catalog
+    from pipeline.remix import consolidated
+
+    run = str(tmp_path / "run")
+    separate_catalog(catalog=str(tone_catalog), out=run, model="test-bands", registry_module="demix_test_models",
+                     settings={"segment": 1.0}, workers_count=1, shard_size=4, progress=False, presence="energy")
+    ids = {k: v["drums"]["track_id"] for k, v in _stems_by_track(run).items()}
+    victim = Path(run) / "stems" / ids["nobass"] / "drums.wav"
+    kept = victim.read_bytes()
+    victim.write_bytes(b"not audio")
+    out = str(tmp_path / "remix")
+    first = _remix(run, out, examples=6)
+    rows, failures = consolidated(out)
+    recipients = {r["example_id"]: r["recipient_track_id"] for r in rows.to_pylist()}
+    assert first["failed_now"] == failures.num_rows > 0 and first["built_now"] == rows.num_rows > 0
+    for f in failures.to_pylist():
+        assert f["stage"] in ("read", "decode") and f["track_id"] in f["message"] and "drums.wav" in f["message"]
+    assert ids["nobass"] not in recipients.values()
+    victim.write_bytes(kept)
+    second = _remix(run, out, examples=6)
+    assert (second["built_now"], second["failed_now"], second["skipped_already_committed"]) == (first["failed_now"], 0, first["built_now"])
+    rows, failures = consolidated(out)
+    assert rows.num_rows == 6 and failures.num_rows == 0 and len(set(rows.column("example_id").to_pylist())) == 6
