@@ -219,7 +219,7 @@ def test_exports_round_trip(separated, tmp_path):
     # DuckDB reads the same files, nested segments included
     import duckdb
 
-    assert duckdb.sql(f"select count(*) from '{tmp_path / 'lyrics' / 'lyrics.parquet'}'").fetchone()[0] == len(clips)
+    assert duckdb.sql(f"select count(*) from '{tmp_path / 'lyrics' / 'lyrics.parquet'}'").fetchall() == [(len(clips),)]
     segs = duckdb.sql(
         f"select track_id, stem, unnest(active_segments, recursive := true) from '{uri}' order by all"
     ).fetchall()
