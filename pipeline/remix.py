@@ -53,6 +53,7 @@ STEM_LINEAGE = pa.struct(
         ("offset_s", pa.float64()),
         ("loop_s", pa.float64()),
         ("gain_db", pa.float64()),
+        ("active_s", pa.float64()),  # seconds of the example where this stem sounds (per presence)
     ]
 )
 
@@ -380,8 +381,10 @@ def _build(recipe: Recipe) -> dict:
         audio, r = _read(src.uri, start, length)
         channels = audio.shape[0]
         stems[s] = np.pad(audio, ((0, 0), (0, length - audio.shape[-1])))
+        window = (recipe.offset_s, recipe.offset_s + recipe.seconds)
+        active = sum(max(0.0, min(b, window[1]) - max(a, window[0])) for a, b in src.segments)
         lineage[s] = {"role": "recipient", "source_track_id": src.track_id, "source_stem_uri": src.uri,
-                      "offset_s": recipe.offset_s, "loop_s": None}
+                      "offset_s": recipe.offset_s, "loop_s": None, "active_s": round(active, 4)}
     # tempo of the recipient: its drums when present, else the sum of what it has
     beat_ref = stems.get("drums")
     if beat_ref is None and stems:
@@ -407,7 +410,8 @@ def _build(recipe: Recipe) -> dict:
         audio = np.repeat(audio.mean(0, keepdims=True), channels, 0)
     stems[recipe.target_stem] = loop_to_length(audio, length, rate)
     lineage[recipe.target_stem] = {"role": "donor", "source_track_id": donor.track_id, "source_stem_uri": donor.uri,
-                                   "offset_s": seg[0], "loop_s": loop_s if loop_s * rate < length else None}
+                                   "offset_s": seg[0], "loop_s": loop_s if loop_s * rate < length else None,
+                                   "active_s": round(length / rate, 4)}  # cut from one active segment
     gains = {s: 10 ** (recipe.gains_db[s] / 20) for s in stems}
     mix = np.zeros((channels, length), np.float32)
     for s in stems:
@@ -419,7 +423,8 @@ def _build(recipe: Recipe) -> dict:
     for s in recipe.stems:
         if s not in stems:
             stems[s] = np.zeros((channels, length), np.float32)
-            lineage[s] = {"role": "silent", "source_track_id": None, "source_stem_uri": None, "offset_s": None, "loop_s": None}
+            lineage[s] = {"role": "silent", "source_track_id": None, "source_stem_uri": None, "offset_s": None, "loop_s": None,
+                          "active_s": 0.0}
     for s in recipe.stems:
         mix += stems[s]
     with AtomicOutput() as staged:
@@ -441,9 +446,17 @@ def _build(recipe: Recipe) -> dict:
     }
 
 
+TRUTH_MIN_ACTIVE_S = 0.25
+"""A stem counts as present in an example's ``truth.json`` when it sounds at least this long in it."""
+
+
 def truth_of(rows: Sequence[dict]) -> dict[str, dict[str, bool]]:
-    """``truth.json`` content of a remix split: which stems each example has."""
-    return {r["example_id"]: {s["stem"]: s["role"] != "silent" for s in r["stems"]} for r in rows}
+    """``truth.json`` content of a remix split: which stems sound in each example (a recipient stem
+    that is silent over the example's window counts as absent)."""
+    return {
+        r["example_id"]: {s["stem"]: s["role"] != "silent" and (s["active_s"] or 0.0) >= TRUTH_MIN_ACTIVE_S for s in r["stems"]}
+        for r in rows
+    }
 
 
 def consolidated(out: str) -> tuple[pa.Table, pa.Table]:

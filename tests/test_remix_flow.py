@@ -152,7 +152,14 @@ def test_remix_lineage_exact_mixture_and_musdb_layout(separated, tmp_path):
     data = MusdbDataset(out / "train")
     assert len(data) == 4
     truth = json.loads((out / "train" / "truth.json").read_text())
-    assert {k: v for k, v in truth.items()} == {r["example_id"]: {s["stem"]: s["role"] != "silent" for s in r["stems"]} for r in rows}
+    assert truth == {r["example_id"]: {s["stem"]: s["role"] != "silent" for s in r["stems"]} for r in rows}
+    for r in rows:  # whole-track examples: a recipient stem sounds as long as its committed segments say
+        for lineage in r["stems"]:
+            if lineage["role"] == "recipient":
+                stem_row = got[by_id[r["recipient_track_id"]]][lineage["stem"]]
+                assert lineage["active_s"] == pytest.approx(sum(x["end_s"] - x["start_s"] for x in stem_row["active_segments"]), abs=1e-3)
+            elif lineage["role"] == "silent":
+                assert lineage["active_s"] == 0.0
 
 
 def test_remix_is_deterministic_exactly_once_and_extends(separated, tmp_path):
