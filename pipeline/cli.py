@@ -130,7 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
             "Train a registered model (e.g. the U-Net) on a MUSDB-layout folder with Demucs-style augmentation. "
             "Logs loss and validation SDR to OUT/log.jsonl, checkpoints OUT/state.pt (resumable: rerun the same "
             "command), keeps the best weights as OUT/best.safetensors with OUT/best.json (sha256 inside). "
-            "--export DIR writes <model>-<sha8>.safetensors ready for --weights."
+            "--export DIR writes <model>-<sha8>.safetensors ready for --weights. --model presence trains the stem "
+            "presence classifier instead, on unet separations of DATASET's songs and variants with stems left out "
+            "(options: dropped_variants, hidden, layers, separator); it writes presence-<sha8>.safetensors."
         ),
     )
     tr.add_argument("dataset", metavar="DATASET", help="folder of track folders (for MUSDB18-HQ: its train/)")
@@ -155,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser(
         "evaluate",
         parents=[common],
-        help="score a model on a MUSDB-layout dataset (museval v4 SDR/SIR/SAR, SI-SDR)",
+        help="score a model on a MUSDB-layout dataset (museval v4 SDR/SIR/SAR, SI-SDR), or stem presence (--presence)",
         description=(
             "Separate every track of DATASET (a folder of <track>/{mixture,vocals,drums,bass,other}.wav; for "
             "MUSDB18-HQ its test/) and score each stem with BSS Eval v4 as museval does (1 s windows, median over "
