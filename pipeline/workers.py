@@ -109,13 +109,36 @@ def given_up(
     return row, [], [FailureRow(track.track_id, track.uri, "separate", "WorkerDied", message, attempts=deaths)]
 
 
-class SeparatorActor:
+class _CountedActor:
+    """Base of the pool actors: with an ``attempts`` counter (an :class:`AttemptCounter` actor
+    handle), :meth:`_start` counts a start of a unit (track, example) and returns 1 + its unfinished
+    earlier starts, :meth:`_finish` records that it finished. A unit started more than
+    ``max_attempts`` times (every earlier start killed the process) is not tried again."""
+
+    def __init__(self, attempts=None, max_attempts: int = MAX_ATTEMPTS_PER_TRACK) -> None:
+        self.attempts = attempts
+        self.max_attempts = max_attempts
+
+    def _start(self, unit_id: str) -> int:
+        if self.attempts is None:
+            return 1
+        import ray
+
+        return ray.get(self.attempts.start.remote(unit_id))
+
+    def _finish(self, unit_id: str) -> None:
+        if self.attempts is not None:
+            import ray
+
+            ray.get(self.attempts.finish.remote(unit_id))
+
+
+class SeparatorActor(_CountedActor):
     """Loads the model once in ``__init__``; ``__call__`` separates a batch of tracks.
 
-    Delegates all work to :func:`pipeline.run.process_track`, which tests call without Ray. With an
-    ``attempts`` counter (an :class:`AttemptCounter` actor handle), a track started more than
-    ``max_attempts`` times (every earlier start killed the process) is not tried again: it gets the
-    rows of :func:`given_up`.
+    Delegates all work to :func:`pipeline.run.process_track`, which tests call without Ray. A track
+    started more than ``max_attempts`` times (see :class:`_CountedActor`) gets the rows of
+    :func:`given_up`.
     """
 
     def __init__(
@@ -126,27 +149,13 @@ class SeparatorActor:
 
         from dataclasses import replace
 
+        super().__init__(attempts, max_attempts)
         torch.set_num_threads(max(1, threads))
         spec = replace(spec, settings=replace(spec.settings, device=device))  # chunks go where the model is
         self.spec = spec
         self.settings_hash = settings_hash
-        self.attempts = attempts
-        self.max_attempts = max_attempts
         self.model = spec.load(device=device)
         self.detector = spec.load_presence(self.model)
-
-    def _start(self, track_id: str) -> int:
-        if self.attempts is None:
-            return 1
-        import ray
-
-        return ray.get(self.attempts.start.remote(track_id))
-
-    def _finish(self, track_id: str) -> None:
-        if self.attempts is not None:
-            import ray
-
-            ray.get(self.attempts.finish.remote(track_id))
 
     def __call__(self, batch: dict) -> dict:
         out: dict[str, list] = {"shard_id": [], "track_id": [], "result": []}
@@ -190,36 +199,53 @@ def run_shards(
     Returns the number of tracks processed. Shards complete in any order; ``on_shard`` (the commit)
     runs on the driver. A track is started at most ``max_attempts`` times (see :class:`SeparatorActor`).
     """
+    items = [{"shard_id": s.shard_id, "track_id": t.track_id, "uri": t.uri} for s in shards for t in s.tracks]
+    results = {s.shard_id: ShardResult(s.shard_id) for s in shards}
+
+    def on_result(shard_id: str, text: str) -> None:
+        track, stems, failures = _decode(text)
+        shard = results[shard_id]
+        shard.tracks.append(track)
+        shard.stems.extend(stems)
+        shard.failures.extend(failures)
+        if on_track is not None:
+            on_track(track)
+
+    kwargs = {"spec": spec, "settings_hash": settings_hash, "device": resources.device, "threads": int(resources.cpus_per_actor)}
+    return _run_pool(
+        items, actor_cls, kwargs, resources, {s.shard_id: len(s.tracks) for s in shards}, on_result,
+        lambda shard_id: on_shard(results.pop(shard_id)), max_attempts,
+    )
+
+
+def _run_pool(
+    items: list[dict], actor_cls: type, kwargs: dict, resources: Resources, sizes: dict[str, int],
+    on_result: Callable[[str, str], None], on_shard_done: Callable[[str], None], max_attempts: int,
+) -> int:
+    """Run ``items`` through a pool of ``actor_cls`` (a :class:`_CountedActor` built with ``kwargs``
+    plus a per-run :class:`AttemptCounter`), on the driver: ``on_result(shard_id, result)`` once per
+    unit (a retried batch delivered twice is dropped), ``on_shard_done(shard_id)`` once a shard's
+    ``sizes[shard_id]`` units are all back. Returns the number of units processed."""
     import ray
 
-    items = [{"shard_id": s.shard_id, "track_id": t.track_id, "uri": t.uri} for s in shards for t in s.tracks]
     if not items:
         return 0
-    pending = {s.shard_id: len(s.tracks) for s in shards}
-    results = {s.shard_id: ShardResult(s.shard_id) for s in shards}
     if max_attempts < 1:
         raise ValueError(f"max_attempts must be >= 1. Found: {max_attempts}")
     attempts = ray.remote(num_cpus=0)(AttemptCounter).remote()
-    kwargs = {
-        "spec": spec, "settings_hash": settings_hash, "device": resources.device,
-        "threads": int(resources.cpus_per_actor), "attempts": attempts, "max_attempts": max_attempts,
-    }
+    seen: dict[str, set[str]] = {shard_id: set() for shard_id in sizes}
     done = 0
     try:
-        for row in _stream(items, actor_cls, kwargs, resources):
-            track, stems, failures = _decode(row["result"])
-            shard = results.get(row["shard_id"])
-            if shard is None or any(t.track_id == track.track_id for t in shard.tracks):
+        for row in _stream(items, actor_cls, {**kwargs, "attempts": attempts, "max_attempts": max_attempts}, resources):
+            shard_id, unit_id = row["shard_id"], row["track_id"]
+            if shard_id not in seen or unit_id in seen[shard_id]:
                 continue  # a retried batch delivered twice: keep the first
-            shard.tracks.append(track)
-            shard.stems.extend(stems)
-            shard.failures.extend(failures)
+            seen[shard_id].add(unit_id)
+            on_result(shard_id, row["result"])
             done += 1
-            if on_track is not None:
-                on_track(track)
-            pending[row["shard_id"]] -= 1
-            if pending[row["shard_id"]] == 0:
-                on_shard(results.pop(row["shard_id"]))
+            if len(seen[shard_id]) == sizes[shard_id]:
+                del seen[shard_id]
+                on_shard_done(shard_id)
     finally:
         ray.kill(attempts)
     return done
@@ -250,25 +276,19 @@ def _stream(items: list[dict], actor_cls: type, kwargs: dict, resources: Resourc
     yield from _iter_rows(ds)
 
 
-class RemixActor:
+class RemixActor(_CountedActor):
     """Builds remix examples (:func:`pipeline.remix.build_example`); a bad example becomes a failure
     row. Like :class:`SeparatorActor`, an example whose build killed the process ``max_attempts``
     times is given up."""
 
-    def __init__(self, attempts=None, max_attempts: int = MAX_ATTEMPTS_PER_TRACK) -> None:
-        self.attempts = attempts
-        self.max_attempts = max_attempts
-
     def __call__(self, batch: dict) -> dict:
-        import ray
-
         from pipeline.remix import Recipe, build_example
         from pipeline.separate import TrackError
 
         out: dict[str, list] = {"shard_id": [], "track_id": [], "result": []}
         for shard_id, example_id, text in zip(batch["shard_id"], batch["track_id"], batch["recipe"]):
             recipe = Recipe.from_json(str(text))
-            n = ray.get(self.attempts.start.remote(recipe.example_id)) if self.attempts is not None else 1
+            n = self._start(recipe.example_id)
             result: dict = {"row": None, "failure": None}
             if n > self.max_attempts:
                 message = f"the remix worker died {n - 1} times while building this example; given up"
@@ -280,8 +300,7 @@ class RemixActor:
                     result["failure"] = asdict(
                         FailureRow(recipe.example_id, recipe.run_uri, err.stage, err.error_type, str(err)[:2000])
                     )
-            if self.attempts is not None:
-                ray.get(self.attempts.finish.remote(recipe.example_id))
+            self._finish(recipe.example_id)
             out["shard_id"].append(str(shard_id))
             out["track_id"].append(str(example_id))
             out["result"].append(json.dumps(result))
@@ -298,37 +317,23 @@ def run_remix_shards(
 ) -> int:
     """Build every recipe of ``shards`` (``(shard_id, [Recipe, ...])``) on a pool of CPU actors;
     call ``on_shard(shard_id, rows, failures)`` as each shard completes. Returns examples built."""
-    import ray
-
     items = [{"shard_id": sid, "track_id": r.example_id, "recipe": r.to_json()} for sid, recipes in shards for r in recipes]
-    if not items:
-        return 0
-    resources = plan_resources(workers, "cpu")
-    pending = {sid: len(recipes) for sid, recipes in shards}
-    rows: dict[str, dict[str, dict]] = {sid: {} for sid, _ in shards}
-    failures: dict[str, dict[str, FailureRow]] = {sid: {} for sid, _ in shards}
-    attempts = ray.remote(num_cpus=0)(AttemptCounter).remote()
-    done = 0
-    try:
-        for item in _stream(items, RemixActor, {"attempts": attempts, "max_attempts": max_attempts}, resources):
-            sid, eid = item["shard_id"], item["track_id"]
-            if sid not in pending or eid in rows[sid] or eid in failures[sid]:
-                continue  # a retried batch delivered twice
-            result = json.loads(item["result"])
-            if result["row"] is not None:
-                rows[sid][eid] = result["row"]
-            else:
-                failures[sid][eid] = FailureRow(**result["failure"])
-            done += 1
-            if on_example is not None:
-                on_example(result["row"] is not None)
-            pending[sid] -= 1
-            if pending[sid] == 0:
-                del pending[sid]
-                on_shard(sid, list(rows.pop(sid).values()), list(failures.pop(sid).values()))
-    finally:
-        ray.kill(attempts)
-    return done
+    rows: dict[str, list[dict]] = {sid: [] for sid, _ in shards}
+    failures: dict[str, list[FailureRow]] = {sid: [] for sid, _ in shards}
+
+    def on_result(shard_id: str, text: str) -> None:
+        result = json.loads(text)
+        if result["row"] is not None:
+            rows[shard_id].append(result["row"])
+        else:
+            failures[shard_id].append(FailureRow(**result["failure"]))
+        if on_example is not None:
+            on_example(result["row"] is not None)
+
+    return _run_pool(
+        items, RemixActor, {}, plan_resources(workers, "cpu"), {sid: len(recipes) for sid, recipes in shards}, on_result,
+        lambda shard_id: on_shard(shard_id, rows.pop(shard_id), failures.pop(shard_id)), max_attempts,
+    )
 
 
 def _iter_rows(ds) -> Iterator[dict]:
