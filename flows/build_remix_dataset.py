@@ -8,9 +8,7 @@ already committed. Storage credentials come from the standard AWS environment, n
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import sys
 import time
 import uuid
@@ -21,8 +19,10 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from flows.separate_catalog import retryable  # the same permanent errors (RemixError is a ValueError)
 from pipeline import manifest, remix, workers
-from pipeline.storage import is_remote, join, local_path
+from pipeline.catalog import shard_id
+from pipeline.storage import join, output_root
 
 
 @dataclass(frozen=True)
@@ -31,16 +31,6 @@ class RemixPlan:
     total: int
     skipped: int
     digest: str
-
-
-def _root(uri: str) -> str:
-    return uri.rstrip("/") if is_remote(uri) else os.path.abspath(local_path(uri))
-
-
-def retryable(task, task_run, state) -> bool:
-    """Retry storage hiccups, not a run that cannot be remixed or a bad argument."""
-    err = state.result(raise_on_failure=False)
-    return not isinstance(err, (remix.RemixError, ValueError, TypeError, FileNotFoundError, PermissionError))
 
 
 @task(retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retryable, cache_policy=NO_CACHE)
@@ -55,8 +45,7 @@ def plan(run_uri: str, out: str, config: remix.RemixConfig, shard_size: int) -> 
     shards = []
     for i in range(0, len(pending), shard_size):
         group = pending[i : i + shard_size]
-        digest = hashlib.sha256("\n".join([run_id, *(r.example_id for r in group)]).encode()).hexdigest()[:16]
-        shards.append((f"remix-{digest}", group))
+        shards.append((shard_id(run_id, [r.example_id for r in group], prefix="remix"), group))
     return RemixPlan(shards, len(recipes), len(recipes) - len(pending), recipes[0].plan_digest)
 
 
@@ -149,7 +138,7 @@ def build_remix_dataset(
 ) -> dict:
     """Build ``examples`` remixed examples from the committed separation run at ``run_uri`` into ``out``."""
     config = remix.RemixConfig(examples=examples, seed=seed, seconds=seconds, gain_db=tuple(gain_db), split=split)
-    run_uri, out = _root(run_uri), _root(out)
+    run_uri, out = output_root(run_uri), output_root(out)
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1. Found: {shard_size}")
     the_plan = plan(run_uri, out, config, shard_size)

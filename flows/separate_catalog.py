@@ -7,7 +7,6 @@ and config files, never from flow parameters (Prefect stores parameters). ``regi
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 import uuid
@@ -23,7 +22,7 @@ from pipeline import manifest, workers
 from pipeline.audio import Encoding
 from pipeline.run import RunSpec
 from pipeline.separate import SeparationSettings
-from pipeline.storage import StorageError, is_remote, local_path
+from pipeline.storage import StorageError, output_root
 
 
 @dataclass(frozen=True)
@@ -179,7 +178,7 @@ def separate_catalog(
     presence: str = "combined",
 ) -> dict:
     """Separate every track of ``catalog`` into ``out``: exactly once, resumable, with a report."""
-    out = out.rstrip("/") if is_remote(out) else os.path.abspath(local_path(out))  # Ray workers may run elsewhere
+    out = output_root(out)
     spec = RunSpec(
         out=out, model=model, weights=weights, weights_sha256=weights_sha256,
         model_options=tuple(sorted((model_options or {}).items())),

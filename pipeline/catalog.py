@@ -148,6 +148,11 @@ def make_shards(tracks: Iterable[Track], shard_size: int, *, run_id: str = "") -
     shards = []
     for i in range(0, len(tracks), shard_size):
         group = tuple(tracks[i : i + shard_size])
-        digest = hashlib.sha256("\n".join([run_id, *(t.track_id for t in group)]).encode()).hexdigest()[:16]
-        shards.append(Shard(f"shard-{digest}", group))
+        shards.append(Shard(shard_id(run_id, [t.track_id for t in group]), group))
     return shards
+
+
+def shard_id(run_id: str, ids: Iterable[str], prefix: str = "shard") -> str:
+    """``<prefix>-<sha256(run_id, ids)[:16]>``: the same within a run for the same units, new in a later run."""
+    digest = hashlib.sha256("\n".join([run_id, *ids]).encode()).hexdigest()[:16]
+    return f"{prefix}-{digest}"

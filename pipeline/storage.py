@@ -90,6 +90,12 @@ def join(root: str, *parts: str) -> str:
     return out
 
 
+def output_root(uri: str) -> str:
+    """``uri`` as every process of a run should see it: a remote URI without a trailing slash, a
+    local path made absolute (Ray workers may run in another working directory)."""
+    return uri.rstrip("/") if is_remote(uri) else os.path.abspath(local_path(uri))
+
+
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """``(filesystem, path)`` for ``uri``; S3 filesystems get the bounded retries of the module docstring."""
     fs, path = fsspec.core.url_to_fs(uri)
