@@ -17,15 +17,13 @@ files and the same manifest (exports are cheap to redo; they are not sharded).
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from pipeline.manifest import SEGMENT, read_manifests, write_bytes
+from pipeline.manifest import SEGMENT, parquet_bytes, read_manifests, write_bytes
 from pipeline.storage import join, safe_component
 
 LYRICS_SCHEMA = pa.schema(
@@ -127,7 +125,7 @@ def export_transcription(run: str, out: str, *, stems: Sequence[str] = TRANSCRIP
                 "active_s": float(sum(s["end_s"] - s["start_s"] for s in segs)), "active_segments": segs,
             })
     uri = join(out, "transcription.parquet")
-    write_bytes(uri, _parquet(pa.Table.from_pylist(rows, schema=TRANSCRIPTION_SCHEMA)))
+    write_bytes(uri, parquet_bytes(pa.Table.from_pylist(rows, schema=TRANSCRIPTION_SCHEMA)))
     return uri, len(rows)
 
 
@@ -161,11 +159,6 @@ def export_lyrics(run: str, out: str, *, rule: ClipRule = ClipRule(), stem: str 
         if progress is not None:
             progress(i + 1, len(chosen))
     uri = join(out, "lyrics.parquet")
-    write_bytes(uri, _parquet(pa.Table.from_pylist(rows, schema=LYRICS_SCHEMA)))
+    write_bytes(uri, parquet_bytes(pa.Table.from_pylist(rows, schema=LYRICS_SCHEMA)))
     return uri, len(rows)
 
-
-def _parquet(table: pa.Table) -> bytes:
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    return buf.getvalue()

@@ -148,18 +148,18 @@ def manifests_root(out: str) -> str:
     return join(out, "manifests")
 
 
-def _table(rows: Iterable, schema: pa.Schema, extra: dict) -> pa.Table:
+def rows_table(rows: Iterable, schema: pa.Schema, extra: dict) -> pa.Table:
     records = [{**asdict(r), **extra} for r in rows]
     return pa.Table.from_pylist(records, schema=schema)
 
 
-def _parquet_bytes(table: pa.Table) -> bytes:
+def parquet_bytes(table: pa.Table) -> bytes:
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
     return buf.getvalue()
 
 
-def _write_bytes(uri: str, data: bytes) -> None:
+def write_bytes(uri: str, data: bytes) -> None:
     """Write ``data`` to ``uri`` atomically (see :func:`pipeline.storage.put_file`).
 
     A local target is staged in its own folder, so the final ``os.replace`` never crosses file
@@ -253,9 +253,9 @@ def commit_shard(out: str, result: ShardResult) -> Commit:
     """
     now = datetime.now(timezone.utc)
     tables = {
-        "tracks": _table(result.tracks, TRACKS_SCHEMA, {"committed_at": now, "shard_id": result.shard_id}),
-        "stems": _table(result.stems, STEMS_SCHEMA, {}),
-        "failures": _table(result.failures, FAILURES_SCHEMA, {}),
+        "tracks": rows_table(result.tracks, TRACKS_SCHEMA, {"committed_at": now, "shard_id": result.shard_id}),
+        "stems": rows_table(result.stems, STEMS_SCHEMA, {}),
+        "failures": rows_table(result.failures, FAILURES_SCHEMA, {}),
     }
     return commit_tables(out, result.shard_id, tables, [r.track_id for r in result.tracks], now=now)
 
@@ -276,7 +276,7 @@ def commit_tables(
     for kind, table in tables.items():
         table = table.set_column(table.schema.get_field_index("attempt"), "attempt", pa.array([attempt] * len(table), pa.string()))
         key = f"_parts/{shard_id}/{attempt}/{kind}.parquet"
-        _write_bytes(join(root, key), _parquet_bytes(table))
+        write_bytes(join(root, key), parquet_bytes(table))
         parts[kind] = key
     commit = Commit(shard_id=shard_id, attempt=attempt, committed_at=now.isoformat(), track_ids=tuple(ids), parts=parts)
     record = join(root, "_commits", f"{shard_id}.json")
@@ -373,17 +373,11 @@ def committed_ok(out: str, settings_hash: str) -> set[str]:
     }
 
 
-write_bytes = _write_bytes
-"""Public name of the atomic single-object write (used by flows for small files such as truth.json)."""
-rows_table = _table
-"""Public name of the dataclass-rows -> Arrow table helper."""
-
-
 def write_consolidated(out: str, tables: dict[str, pa.Table]) -> dict[str, str]:
     """Write the consolidated view as ``OUT/manifests/<kind>.parquet`` (each file replaced atomically)."""
     written = {}
     for kind, table in tables.items():
         uri = join(manifests_root(out), f"{kind}.parquet")
-        _write_bytes(uri, _parquet_bytes(table))
+        write_bytes(uri, parquet_bytes(table))
         written[kind] = uri
     return written
