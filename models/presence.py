@@ -22,8 +22,6 @@ from torch import Tensor, nn
 class PresenceNet(nn.Module):
     """``(batch, (len(sources) + 1) * bands, frames) -> (batch, len(sources), frames)`` logits."""
 
-    frame_s: float = 0.05
-
     def __init__(self, sources: Sequence[str] = ("vocals", "drums", "bass", "other"), *, bands: int = 6,
                  hidden: int = 64, layers: int = 4) -> None:
         super().__init__()

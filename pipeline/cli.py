@@ -388,6 +388,17 @@ def print_run_summary(summary: dict, out: str) -> None:
         print(f"  failed [{f['stage']}] {f['source_uri']}: {f['error_type']}: {f['message'][:160]}")
 
 
+def _progress(bar):
+    """A ``progress(done, total)`` callback that moves the tqdm ``bar``."""
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    return progress
+
+
 def cmd_presence(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -403,12 +414,7 @@ def cmd_presence(args: argparse.Namespace) -> int:
         both = Detector("combined", weights=args.presence_weights)
         detectors = {"energy": Detector("energy"), "classifier": clf, "combined": both}
         with tqdm(unit="track", disable=args.no_progress) as bar:
-
-            def progress(done: int, total: int) -> None:
-                bar.total = total
-                bar.n = done
-                bar.refresh()
-
+            progress = _progress(bar)
             report = evaluate_presence(args.dataset, separator, detectors, out=args.out, settings=settings, progress=progress)
     except (ValueError, ModelLoadError, FileNotFoundError) as err:
         print(f"demix: error: {err}", file=sys.stderr)
@@ -476,13 +482,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         if args.task == "lyrics":
             rule = ClipRule(min_s=args.min_seconds, max_s=args.max_seconds)
             with tqdm(unit="stem", disable=args.no_progress) as bar:
-
-                def progress(done: int, total: int) -> None:
-                    bar.total = total
-                    bar.n = done
-                    bar.refresh()
-
-                uri, n = export_lyrics(args.run, args.out, rule=rule, progress=progress)
+                uri, n = export_lyrics(args.run, args.out, rule=rule, progress=_progress(bar))
             print(f"demix export: {n} vocal clips; manifest {uri}")
         else:
             uri, n = export_transcription(args.run, args.out)
@@ -626,13 +626,7 @@ def cmd_train_presence(args: argparse.Namespace) -> int:
         separator = load_model(str(options.pop("separator", "unet")))
         variants = int(options.pop("dropped_variants", 2))
         with tqdm(unit="song", disable=args.no_progress, desc="separating") as bar:
-
-            def progress(done: int, total: int) -> None:
-                bar.total = total
-                bar.n = done
-                bar.refresh()
-
-            examples = labelled_examples(args.dataset, separator, dropped_variants=variants, seed=args.seed, progress=progress)
+            examples = labelled_examples(args.dataset, separator, dropped_variants=variants, seed=args.seed, progress=_progress(bar))
         model = train_classifier(examples, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, **options)
         path, digest = save_classifier(model, Path(args.export or args.out))
     except (ValueError, ModelLoadError) as err:

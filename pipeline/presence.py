@@ -425,8 +425,9 @@ REFERENCE_FLOOR_DBFS = -50.0
 
 def reference_activity(stem: np.ndarray, sample_rate: int, frame_s: float = FRAME_S) -> np.ndarray:
     """Boolean per frame: where a *true* stem ``(channels, time)`` sounds (for labels and scores)."""
-    f = features_of({"x": stem, MIXTURE: stem}, sample_rate, frame_s)
-    p = smooth(f.power("x").astype(np.float64), max(1, round(0.15 / frame_s)))
+    acc = FrameFeatures(("stem",), sample_rate, frame_s)
+    acc.push(torch.as_tensor(np.asarray(stem, np.float32))[None])
+    p = smooth(acc.finish().power("stem").astype(np.float64), max(1, round(0.15 / frame_s)))
     return _db(p) > REFERENCE_FLOOR_DBFS
 
 
@@ -492,8 +493,10 @@ def labelled_examples(dataset, separator, *, dropped_variants: int = 0, seed: in
             drop = set(rng.choice(present, size=int(rng.integers(1, min(2, len(present) - 1) + 1)), replace=False).tolist())
             variants.append((f"{track.name}~drop{k}", {s: truth[s] and s not in drop for s in STEMS}))
         for name, keep in variants:
-            mix = sum(audio[s] for s in STEMS if keep[s]) if any(keep.values()) else np.zeros_like(audio["mixture"])
-            mix = audio["mixture"] if keep == truth else mix
+            if keep == truth:
+                mix = audio["mixture"]
+            else:  # the stems kept, summed
+                mix = sum((audio[s] for s in STEMS if keep[s]), np.zeros_like(audio["mixture"]))
             feats = separated_features(separator, mix, track.sample_rate, settings)
             lab = {s: _fit(labels[s] & keep[s], len(feats.bands)) for s in STEMS}
             out.append(LabelledExample(name, feats, dict(keep), lab))

@@ -139,6 +139,11 @@ class StemSource:
     def active_s(self) -> float:
         return sum(e - s for s, e in self.segments)
 
+    @staticmethod
+    def from_dict(data: dict) -> StemSource:
+        """Inverse of ``asdict`` (segments come back from JSON as lists)."""
+        return StemSource(**{**data, "segments": tuple(tuple(x) for x in data["segments"])})
+
 
 @dataclass(frozen=True)
 class Recipe:
@@ -367,7 +372,7 @@ def _build(recipe: Recipe) -> dict:
     from pipeline.storage import AtomicOutput
     from pipeline.synth import write_float_wav
 
-    rec = {s: StemSource(**{**v, "segments": tuple(tuple(x) for x in v["segments"])}) for s, v in recipe.recipient.items()}
+    rec = {s: StemSource.from_dict(v) for s, v in recipe.recipient.items()}
     rate = next(iter(rec.values())).sample_rate
     start = int(round(recipe.offset_s * rate))
     length = int(round(recipe.seconds * rate))
@@ -400,7 +405,7 @@ def _build(recipe: Recipe) -> dict:
         dist = tempo_distance(rec_tempo, tempo)
         if i == 0 or dist < best_d:
             best, best_d, donor_tempo = i, dist, tempo
-    donor = StemSource(**{**recipe.donors[best], "segments": tuple(tuple(x) for x in recipe.donors[best]["segments"])})
+    donor = StemSource.from_dict(recipe.donors[best])
     seg = max(donor.segments, key=lambda ab: ab[1] - ab[0])
     seg_len = seg[1] - seg[0]
     bar = 4 * 60.0 / donor_tempo if donor_tempo else None
