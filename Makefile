@@ -41,7 +41,7 @@ install: system-deps $(STAMP)
 
 demo: install
 	rm -rf $(DEMO_DIR)
-	$(PY) -m pipeline.synth demo-catalog $(DEMO_DIR)/catalog
+	$(PY) -m demix.pipeline.data.synth demo-catalog $(DEMO_DIR)/catalog
 	@# exit status 1 means "some tracks failed": expected here, the catalog holds one corrupt file
 	$(VENV)/bin/demix run $(DEMO_DIR)/catalog/catalog.csv -o $(DEMO_DIR)/run --workers 2; rc=$$?; [ $$rc -le 1 ]
 	@echo; echo "stems:     $(DEMO_DIR)/run/stems/<track_id>/<stem>.wav"; \

@@ -4,7 +4,7 @@
 
 Section 1, overhead: a catalog CSV of N rows (distinct track ids, all pointing at one 0.05 s WAV)
 runs through ``separate_catalog`` with the zero-cost ``mixture`` model writing one stem per track.
-The same work without orchestration — ``pipeline.run.process_track`` called in a plain loop on a
+The same work without orchestration — ``demix.pipeline.batch.run.process_track`` called in a plain loop on a
 sample of rows — is timed in the same run; overhead per track = (flow wall − Prefect/Ray start-up) / N
 − plain work per track / actors. Goal: <= 20 ms per track, growing linearly with N.
 
@@ -49,8 +49,8 @@ def _catalog(folder: Path, rows: int, wav: Path) -> Path:
 
 
 def _plain_per_track(wav: Path, out: Path, n: int = 200) -> float:
-    from pipeline.catalog import Track
-    from pipeline.run import RunSpec, process_track
+    from demix.pipeline.batch.catalog import Track
+    from demix.pipeline.batch.run import RunSpec, process_track
 
     spec = RunSpec(out=str(out), model="mixture", stems=("vocals",))
     model = spec.load()
@@ -62,7 +62,7 @@ def _plain_per_track(wav: Path, out: Path, n: int = 200) -> float:
 
 
 def overhead(rows_list: list[int], workers: int, tmp: Path) -> None:
-    from flows.separate_catalog import separate_catalog
+    from demix.flows.separate_catalog import separate_catalog
 
     wav = tmp / "tiny.wav"
     _tiny_wav(wav)
@@ -89,9 +89,9 @@ def overhead(rows_list: list[int], workers: int, tmp: Path) -> None:
 
 
 def speed(songs: int, seconds: float, tmp: Path) -> None:
-    from flows.separate_catalog import separate_catalog
-    from pipeline.cli import main
-    from pipeline.synth import SynthConfig, synth_dataset
+    from demix.flows.separate_catalog import separate_catalog
+    from demix.pipeline.cli import main
+    from demix.pipeline.data.synth import SynthConfig, synth_dataset
 
     data = tmp / "songs"
     synth_dataset(data, SynthConfig(tracks=songs, seconds=seconds, seed=7))

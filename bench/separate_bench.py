@@ -7,7 +7,7 @@ Run by hand from the repository root::
 Section 1: speed. Every method separates the same generated ``--seconds`` of stereo 44.1 kHz audio
 (a few sines and noise bursts, fixed seed, stored as a 16-bit WAV) with the same ``hdemucs_high``
 network and the same random weights (fixed seed, saved with ``torch.save`` to a temporary ``.pt`` and
-read back through ``models.registry.load_model("hdemucs-musdb", weights=PATH)``, so the real loader
+read back through ``demix.models.registry.load_model("hdemucs-musdb", weights=PATH)``, so the real loader
 runs offline). All use ``torch.set_num_threads(--threads)``; each is warmed up once on a
 ``--warmup-seconds`` clip before the timed run.
 
@@ -15,7 +15,7 @@ runs offline). All use ``torch.set_num_threads(--threads)``; each is warmed up o
         starting every ``(1 - overlap) * segment``, the last one zero-padded; one chunk per call),
         under ``torch.inference_mode()``. No overlap-add, no normalisation, no decoding or encoding:
         what demix's chunking costs in the network alone, the floor for (ii).
-  (ii)  demix: ``pipeline.cli.main(["separate", WAV, "-o", OUT, ...])`` in-process: decode the WAV
+  (ii)  demix: ``demix.pipeline.cli.main(["separate", WAV, "-o", OUT, ...])`` in-process: decode the WAV
         from disk, track statistics, streaming overlap-add, encode four 16-bit WAV stems to disk.
         Includes building the model, loading and hashing the weights (that part is also shown apart).
   (iii) torchaudio tutorial: ``separate_sources`` from torchaudio's "Music Source Separation with
@@ -38,7 +38,7 @@ the machine), forward calls and the audio seconds fed to the network (padding in
 and (ii) is >= 1.3 x faster than (iii) and than (iv).
 
 Section 2: memory. A ``--long-minutes`` stereo 44.1 kHz 16-bit WAV is generated block by block, and
-``python -m pipeline.cli separate`` runs on it in a subprocess, so that its peak RSS
+``python -m demix.pipeline.cli separate`` runs on it in a subprocess, so that its peak RSS
 (``ru_maxrss`` from ``os.wait4``) is its own. It is started by a small launcher process, not by the
 bench itself: Linux carries the high-water RSS across ``exec``, so a child of the bench (which
 holds torch and the models) would report the bench's peak when that is higher. ``--rss-model unet`` (default) keeps the run short on
@@ -152,7 +152,7 @@ def save_random_weights(path: Path, *, seed: int) -> None:
 
 def load_bench_model(weights: Path) -> nn.Module:
     """The demix ``hdemucs-musdb`` Separator with the bench weights, through the real loader."""
-    from models.registry import load_model
+    from demix.models.registry import load_model
 
     return load_model("hdemucs-musdb", weights=str(weights), device="cpu")
 
@@ -243,7 +243,7 @@ def timed(fn: Callable[[], object]) -> tuple[float, float]:
 
 
 def demix_chunk_starts(total: int, segment: float, overlap: float) -> tuple[int, list[int]]:
-    """Chunk length and chunk starts as ``pipeline.separate`` lays them out (batch size 1)."""
+    """Chunk length and chunk starts as ``demix.pipeline.engine.separate`` lays them out (batch size 1)."""
     length = max(1, round(segment * SAMPLE_RATE))
     stride = max(1, int((1 - overlap) * length))
     return length, list(range(0, total, stride))
@@ -282,7 +282,7 @@ def prepare_bare_forward(model: nn.Module, mix: Tensor, warm: Tensor, args: argp
 class CliModelProbe:
     """Observes the model ``demix separate`` loads: time spent in ``load_model``, forward calls.
 
-    :meth:`watch` swaps ``models.registry.load_model`` (which the CLI looks up at call time) for a
+    :meth:`watch` swaps ``demix.models.registry.load_model`` (which the CLI looks up at call time) for a
     wrapper that times the call and hooks a :class:`ForwardCounter` on the returned model; the
     original is restored on exit. Nothing the CLI computes is changed.
     """
@@ -293,7 +293,7 @@ class CliModelProbe:
 
     @contextlib.contextmanager
     def watch(self) -> Iterator[None]:
-        import models.registry as registry
+        import demix.models.registry as registry
 
         original = registry.load_model
         self.load_seconds = 0.0
@@ -325,7 +325,7 @@ def demix_argv(wav: Path, out: Path, model: str, weights: Path | None, args: arg
 
 
 def demix_in_process(wav: Path, out: Path, weights: Path, args: argparse.Namespace) -> None:
-    from pipeline.cli import main as demix_main
+    from demix.pipeline.cli import main as demix_main
 
     shutil.rmtree(out, ignore_errors=True)
     code = demix_main(demix_argv(wav, out, "hdemucs-musdb", weights, args))
@@ -625,8 +625,8 @@ def child_pid(pid: int) -> int | None:
 
 
 def run_rss(wav: Path, out: Path, weights: Path | None, workdir: Path, args: argparse.Namespace) -> RssRun:
-    """Run ``python -m pipeline.cli separate`` under :data:`RSS_LAUNCHER`; its own usage from ``os.wait4``."""
-    argv = [sys.executable, "-m", "pipeline.cli", *demix_argv(wav, out, args.rss_model, weights, args)]
+    """Run ``python -m demix.pipeline.cli separate`` under :data:`RSS_LAUNCHER`; its own usage from ``os.wait4``."""
+    argv = [sys.executable, "-m", "demix.pipeline.cli", *demix_argv(wav, out, args.rss_model, weights, args)]
     report = workdir / "rss_usage.json"
     report.unlink(missing_ok=True)
     log("RSS run: " + " ".join(argv))
@@ -715,7 +715,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def prepare_methods(keys: list[str], workdir: Path, weights: Path, args: argparse.Namespace) -> tuple[list[Method], dict[str, str]]:
     """Write the audio, load the model and warm every method up; failures become skipped rows."""
-    from pipeline.separate import track_stats
+    from demix.pipeline.engine.separate import track_stats
 
     model = load_bench_model(weights)
     net = model.weights_module()

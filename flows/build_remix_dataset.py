@@ -1,5 +1,5 @@
 """The remix flow: plan -> build (Ray) -> commit (per shard) -> report. Thin: each task calls one
-pipeline function (:mod:`pipeline.remix`, :mod:`pipeline.manifest`, :mod:`pipeline.workers`).
+pipeline function (:mod:`demix.pipeline.batch.remix`, :mod:`demix.pipeline.batch.manifest`, :mod:`demix.pipeline.batch.workers`).
 
 Exactly once like the catalog flow: examples have deterministic ids and file keys, rows reach
 ``remixes.parquet`` only through a shard's create-once commit record, and a rerun skips examples
@@ -19,10 +19,12 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.separate_catalog import retryable  # the same permanent errors (RemixError is a ValueError)
-from pipeline import manifest, remix, workers
-from pipeline.catalog import shard_id
-from pipeline.storage import join, output_root
+from demix.flows.separate_catalog import retryable  # the same permanent errors (RemixError is a ValueError)
+from demix.pipeline.batch import manifest
+from demix.pipeline.batch import remix
+from demix.pipeline.batch import workers
+from demix.pipeline.batch.catalog import shard_id
+from demix.pipeline.io.storage import atomic_write, join, output_root
 
 
 @dataclass(frozen=True)
@@ -92,7 +94,7 @@ def report(out: str, split: str, the_plan: RemixPlan, stats: dict) -> dict:
     rows = [r for r in remixes.to_pylist() if r["split"] == split]
     paths = manifest.write_consolidated(out, {"remixes": remixes, "failures": failures})
     truth_uri = join(out, split, "truth.json")
-    manifest.write_bytes(truth_uri, json.dumps(remix.truth_of(rows), indent=1, sort_keys=True).encode())
+    atomic_write(truth_uri, json.dumps(remix.truth_of(rows), indent=1, sort_keys=True).encode())
     by_stem: dict[str, int] = {}
     for r in rows:
         by_stem[r["target_stem"]] = by_stem.get(r["target_stem"], 0) + 1

@@ -2,7 +2,7 @@
 pipeline function. Runs on Prefect's ephemeral API by default, or on a Prefect server when
 ``PREFECT_API_URL`` is set. Storage endpoints and credentials come from the standard AWS environment
 and config files, never from flow parameters (Prefect stores parameters). ``registry_module`` (see
-:class:`pipeline.run.RunSpec`) lets a run use models registered outside :mod:`models.registry`.
+:class:`demix.pipeline.batch.run.RunSpec`) lets a run use models registered outside :mod:`demix.models.registry`.
 """
 
 from __future__ import annotations
@@ -16,13 +16,14 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from models.base import ModelLoadError
-from pipeline import catalog as cat
-from pipeline import manifest, workers
-from pipeline.audio import Encoding
-from pipeline.run import RunSpec
-from pipeline.separate import SeparationSettings
-from pipeline.storage import StorageError, output_root
+from demix.models.base import ModelLoadError
+from demix.pipeline.batch import catalog as cat
+from demix.pipeline.batch import manifest
+from demix.pipeline.batch import workers
+from demix.pipeline.io.audio import Encoding
+from demix.pipeline.batch.run import RunSpec
+from demix.pipeline.engine.separate import SeparationSettings
+from demix.pipeline.io.storage import StorageError, output_root
 
 
 @dataclass(frozen=True)

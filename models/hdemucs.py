@@ -1,4 +1,4 @@
-"""Hybrid Demucs (Défossez 2021) through torchaudio, as a :class:`~models.base.Separator`.
+"""Hybrid Demucs (Défossez 2021) through torchaudio, as a :class:`~demix.models.base.Separator`.
 
 The network is ``torchaudio.models.hdemucs_high``; the published ``HDEMUCS_HIGH_MUSDB_PLUS`` weights
 are the state dict of that module, so :meth:`HDemucsSeparator.weights_module` returns the inner
@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from models.base import Separator
+from demix.models.base import Separator
 
 MUSDB_SOURCES = ("drums", "bass", "other", "vocals")
 

@@ -1,4 +1,4 @@
-"""Supervised NMF (the seed lecture's classic baseline) as a :class:`~models.base.Separator`.
+"""Supervised NMF (the seed lecture's classic baseline) as a :class:`~demix.models.base.Separator`.
 
 Training learns one non-negative spectral dictionary per source, ``W_s: (freq, components)``, from
 that source's training stems (NMF with multiplicative updates for the KL divergence). At inference the
@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor
 
-from models.base import Separator
+from demix.models.base import Separator
 
 _EPS = 1e-10
 

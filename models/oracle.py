@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-from models.base import Separator
+from demix.models.base import Separator
 
 
 class MixtureCopy(Separator):

@@ -1,14 +1,14 @@
 """The learned presence classifier: per 50 ms frame, is each stem sounding?
 
-A small dilated 1-D convolutional network over *frame features* (see :mod:`pipeline.presence`): for
+A small dilated 1-D convolutional network over *frame features* (see :mod:`demix.pipeline.engine.presence`): for
 each source, its band levels relative to the mixture's, plus the mixture's own band levels, as a
 separation produces them. Input ``(batch, (sources + 1) * bands, frames)``, output logits
 ``(batch, sources, frames)``. The receptive field is about 1.5 s, so a frame is judged with its
 context (a sustained note versus leakage that comes and goes with another instrument).
 
 Seed lecture: "a classifier that detects each stem's presence". Trained by
-:func:`pipeline.presence.train_classifier` on separated synthetic songs (true stems give the labels);
-registered as ``presence`` (kind ``presence``) and loaded with :func:`models.registry.load_model`
+:func:`demix.pipeline.engine.presence.train_classifier` on separated synthetic songs (true stems give the labels);
+registered as ``presence`` (kind ``presence``) and loaded with :func:`demix.models.registry.load_model`
 like any model.
 """
 

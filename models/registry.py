@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from models.base import ModelLoadError, Separator
-from models import weights as _weights
+from demix.models.base import ModelLoadError, Separator
+from demix.models import weights as _weights
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
@@ -33,8 +33,8 @@ class ModelEntry:
             entry has no published weights and runs untrained unless ``weights=`` is given.
         sha256: expected digest of the file at ``weights_uri``.
         description: one line for ``demix models``.
-        kind: ``"separator"`` (a :class:`models.base.Separator`) or ``"presence"`` (a presence
-            classifier, :class:`models.presence.PresenceNet`); :func:`load_model` refuses the wrong kind.
+        kind: ``"separator"`` (a :class:`demix.models.base.Separator`) or ``"presence"`` (a presence
+            classifier, :class:`demix.models.presence.PresenceNet`); :func:`load_model` refuses the wrong kind.
     """
 
     name: str
@@ -142,7 +142,7 @@ def _unet(
     depth: int = 6,
     channels: int = 8,
 ) -> Separator:
-    from models.unet import SpectrogramUNet
+    from demix.models.unet import SpectrogramUNet
 
     return SpectrogramUNet(
         ("vocals", "drums", "bass", "other"),
@@ -155,7 +155,7 @@ def _unet(
 
 
 def _hdemucs(*, segment: float = 10.0) -> Separator:
-    from models.hdemucs import HDemucsSeparator
+    from demix.models.hdemucs import HDemucsSeparator
 
     return HDemucsSeparator(segment=segment)
 
@@ -188,7 +188,7 @@ UNET = register(
 )
 
 def _mixture(*, segment: float = 10.0) -> Separator:
-    from models.oracle import MixtureCopy
+    from demix.models.oracle import MixtureCopy
 
     return MixtureCopy(segment=segment)
 
@@ -204,7 +204,7 @@ MIXTURE = register(
 )
 
 def _nmf(*, components: int = 32, iters: int = 60) -> Separator:
-    from models.nmf import SupervisedNMF
+    from demix.models.nmf import SupervisedNMF
 
     return SupervisedNMF(("vocals", "drums", "bass", "other"), components=components, iters=iters)
 
@@ -222,7 +222,7 @@ NMF = register(
 )
 
 def _presence(*, hidden: int = 64, layers: int = 4):
-    from models.presence import PresenceNet
+    from demix.models.presence import PresenceNet
 
     return PresenceNet(("vocals", "drums", "bass", "other"), hidden=hidden, layers=layers)
 

@@ -1,5 +1,5 @@
 """Spectrogram U-Net (Jansson et al. 2017, "Singing voice separation with deep U-Net convolutional
-networks", ISMIR), extended to several stems and multichannel audio, as a :class:`~models.base.Separator`.
+networks", ISMIR), extended to several stems and multichannel audio, as a :class:`~demix.models.base.Separator`.
 
 Pipeline, per chunk::
 
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.base import Separator
+from demix.models.base import Separator
 
 MASKS = ("sigmoid", "softmax")
 PHASES = ("mixture", "griffinlim")

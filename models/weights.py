@@ -16,12 +16,13 @@ import shutil
 import tempfile
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from models.base import ModelLoadError
+from demix.models.base import ModelLoadError
 
 _CHUNK = 1 << 20
 _SHA8_IN_NAME = re.compile(r"-([0-9a-f]{8})\.(?:th|pt|pth|safetensors)$")
@@ -148,3 +149,30 @@ def load_strict(module: nn.Module, state: dict[str, torch.Tensor], *, where: str
         module.load_state_dict(state, strict=True)
     except RuntimeError as err:
         raise ModelLoadError(f"weights {where} do not match the architecture: {err}") from err
+
+
+def save(state: Mapping[str, torch.Tensor], folder: str | os.PathLike, name: str, *, half: bool = False) -> tuple[Path, str]:
+    """Write ``state`` as ``<folder>/<name>-<sha8>.safetensors`` atomically; return ``(path, sha256)``.
+
+    The one place that names weights by their checksum (demucs' ``<sig>-<sha8>.th`` habit), beside the
+    loader that checks the name (:func:`verify`). Tensors are moved to the CPU and made contiguous;
+    ``half`` stores floating-point tensors as float16. The folder is created.
+    """
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    if half:
+        tensors = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".safetensors.part", dir=folder)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp)
+        digest = sha256_file(tmp)
+        path = folder / f"{name}-{digest[:8]}.safetensors"
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path, digest

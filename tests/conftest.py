@@ -7,7 +7,7 @@ import threading
 import torch
 import pytest
 
-from models.base import Separator
+from demix.models.base import Separator
 
 
 class ScaleModel(Separator):
@@ -39,7 +39,7 @@ def commit_concurrently(out: str, result, n: int) -> list:
 
     Any exception in a thread is re-raised after all of them finished.
     """
-    from pipeline import manifest
+    from demix.pipeline.batch import manifest
 
     barrier = threading.Barrier(n)
     commits, errors = [], []

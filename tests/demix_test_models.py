@@ -20,8 +20,8 @@ import time
 
 import torch
 
-from models.base import Separator
-from models.registry import ModelEntry, list_models, register
+from demix.models.base import Separator
+from demix.models.registry import ModelEntry, list_models, register
 
 SOURCES = ("vocals", "drums", "bass", "other")
 GAINS = (0.1, 0.2, 0.3, 0.4)

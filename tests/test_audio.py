@@ -1,4 +1,4 @@
-"""pipeline.audio: decoding, the channel and rate policy, streaming resample, encoding and clipping.
+"""demix.pipeline.io.audio: decoding, the channel and rate policy, streaming resample, encoding and clipping.
 
 All audio is generated in tmp_path (soundfile, numpy, and ffmpeg's lavfi source for AAC); no network.
 """
@@ -19,7 +19,7 @@ import soundfile as sf
 import torch
 import torchaudio
 
-from pipeline.audio import (
+from demix.pipeline.io.audio import (
     AudioError,
     AudioInfo,
     AudioStream,

@@ -23,8 +23,8 @@ import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 
-from pipeline import manifest
-from pipeline.synth import toy_song
+from demix.pipeline.batch import manifest
+from demix.pipeline.data.synth import toy_song
 
 pytest_plugins = ["conftest_services"]
 
@@ -41,7 +41,7 @@ def flow_env(ray_cluster, prefect_api):
 
 
 def run_flow(catalog: str, out: str, **overrides) -> dict:
-    from flows.separate_catalog import separate_catalog
+    from demix.flows.separate_catalog import separate_catalog
 
     kwargs = {
         **TEST_MODEL, "settings": {"segment": 1.0}, "workers_count": 1, "shard_size": 2, "progress": False,
@@ -184,7 +184,7 @@ def test_credentials_never_leak(s3, flow_env, capfd):
 def test_commit_retried_by_the_flow_once_s3_gives_up(s3, flow_env):
     """The commit record's PUT meets SlowDown until botocore and s3fs give up (a bounded number of
     requests); the flow's commit task retries and its next attempt commits. One commit record."""
-    from pipeline.storage import S3_MAX_ATTEMPTS, S3FS_RETRIES
+    from demix.pipeline.io.storage import S3_MAX_ATTEMPTS, S3FS_RETRIES
 
     s3.fs.pipe_file(f"{s3.name}/in/good.wav", _encoded(2.0, 8000, 8, "WAV"))
     budget = S3_MAX_ATTEMPTS * S3FS_RETRIES
@@ -206,7 +206,7 @@ def test_permanent_errors_fail_the_flow_without_retries(fault, s3, flow_env):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    from pipeline.storage import StorageError
+    from demix.pipeline.io.storage import StorageError
 
     catalog = s3.uri("cat/list.csv")
     if fault == "forbidden":
@@ -266,7 +266,7 @@ def test_separator_actor_killed_mid_run(tmp_path, flow_env):
 def test_track_that_always_kills_its_actor_becomes_a_failure_row(tmp_path, flow_env):
     """A track whose every attempt kills the separator process (think: a decoder segfault) is given up
     after a bounded number of attempts and recorded as failed; the run ends and the others succeed."""
-    from pipeline.workers import MAX_ATTEMPTS_PER_TRACK
+    from demix.pipeline.batch.workers import MAX_ATTEMPTS_PER_TRACK
 
     folder = tmp_path / "in"
     folder.mkdir()
@@ -297,7 +297,7 @@ def test_flow_sigkilled_halfway_then_rerun(tmp_path, flow_env):
     )
     code = (
         "import json, sys\n"
-        "from flows.separate_catalog import separate_catalog\n"
+        "from demix.flows.separate_catalog import separate_catalog\n"
         "separate_catalog(**json.loads(sys.argv[1]), ray_address=sys.argv[2])\n"
     )
     env = dict(os.environ, PREFECT_API_URL=api_url, PYTHONPATH=os.environ["PYTHONPATH"])

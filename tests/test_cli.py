@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from pipeline.cli import main
-from pipeline.synth import toy_song
+from demix.pipeline.cli import main
+from demix.pipeline.data.synth import toy_song
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--model", "unet", "--segment", "2", "--no-progress"]
@@ -69,9 +69,9 @@ def test_softmax_unet_stems_sum_to_mixture(inputs, tmp_path):
     """With a model whose masks sum to one, the written float stems add back up to the input."""
     src = inputs / "Café (live) 'take 2' \"final\".wav"
     out = tmp_path / "o"
-    from models.registry import load_model
-    from pipeline.audio import Encoding
-    from pipeline.separate import SeparationSettings, plan_stems, separate_track
+    from demix.models.registry import load_model
+    from demix.pipeline.io.audio import Encoding
+    from demix.pipeline.engine.separate import SeparationSettings, plan_stems, separate_track
 
     model = load_model("unet", mask="softmax")
     plan = plan_stems(model.sources)
@@ -108,11 +108,11 @@ def test_console_script_help_and_models():
 
 
 def test_module_entry_runs_in_subprocess(inputs, tmp_path):
-    """python -m pipeline.cli works with a non-ASCII file name and reports success."""
+    """python -m demix.pipeline.cli works with a non-ASCII file name and reports success."""
     src = str(inputs / "Café (live) 'take 2' \"final\".wav")
     env = dict(os.environ, PYTHONIOENCODING="utf-8")
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "separate", src, "-o", str(tmp_path), *FAST],
+        [sys.executable, "-m", "demix.pipeline.cli", "separate", src, "-o", str(tmp_path), *FAST],
         capture_output=True, text=True, cwd=ROOT, env=env,
     )
     assert proc.returncode == 0, proc.stderr
@@ -138,7 +138,7 @@ def test_evaluate_presence_on_a_small_synthetic_set(tmp_path, capsys):
     """`demix evaluate --presence` separates each song once and scores three detectors against truth.json."""
     import pyarrow.parquet as pq
 
-    from pipeline.synth import SynthConfig, synth_dataset
+    from demix.pipeline.data.synth import SynthConfig, synth_dataset
 
     data = tmp_path / "data"
     truth = synth_dataset(data, SynthConfig(tracks=3, seconds=8.0, seed=21, absent_share=1.0))

@@ -10,7 +10,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from pipeline.datasets import (
+from demix.pipeline.data.datasets import (
     STEMS,
     AugmentConfig,
     MusdbDataset,
@@ -18,7 +18,7 @@ from pipeline.datasets import (
     fixed_excerpts,
     is_silent,
 )
-from pipeline.synth import toy_song
+from demix.pipeline.data.synth import toy_song
 
 RATE = 8000
 

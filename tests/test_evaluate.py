@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.evaluate import (
+from demix.pipeline.learn.evaluate import (
     TrackScores,
     aggregate,
     bss_eval_v4,
@@ -22,7 +22,7 @@ from pipeline.evaluate import (
     svg_boxplot,
     write_report,
 )
-from pipeline.synth import STEMS, toy_song
+from demix.pipeline.data.synth import STEMS, toy_song
 
 SR = 44100
 MUSEVAL_V4 = dict(

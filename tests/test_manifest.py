@@ -12,10 +12,10 @@ import pytest
 
 from tests.conftest import commit_concurrently
 
-from pipeline import manifest
-from pipeline.catalog import CatalogError, make_shards, read_catalog, safe_track_id, track_id_for
-from pipeline.manifest import FailureRow, ShardResult, StemRow, TrackRow
-from pipeline.storage import StorageError
+from demix.pipeline.batch import manifest
+from demix.pipeline.batch.catalog import CatalogError, make_shards, read_catalog, safe_track_id, track_id_for
+from demix.pipeline.batch.manifest import FailureRow, ShardResult, StemRow, TrackRow
+from demix.pipeline.io.storage import StorageError
 
 
 def _track(tid: str, status: str = "ok", settings_hash: str = "h1") -> TrackRow:

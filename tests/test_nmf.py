@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.nmf import SupervisedNMF
-from models.registry import get_entry, load_model
-from pipeline.synth import toy_song
+from demix.models.nmf import SupervisedNMF
+from demix.models.registry import get_entry, load_model
+from demix.pipeline.data.synth import toy_song
 
 SOURCES = ("vocals", "drums", "bass", "other")
 

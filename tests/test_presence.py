@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import presence as P
+from demix.pipeline.engine import presence as P
+from demix.pipeline.learn import presence as LP
 
 RATE = 16000
 STEMS = ("vocals", "drums", "bass", "other")
@@ -72,7 +73,7 @@ def test_silent_stem_absent_loud_stem_present_sparse_stem_segments_within_100ms(
     for seg, (a, b) in zip(got["bass"].segments, spans):
         assert abs(seg.start_s - a) <= 0.1 and abs(seg.end_s - b) <= 0.1, (seg, a, b)
     # the reference activity (labels, scores) is smoothed: it may spread by up to two frames (0.1 s)
-    ref = P.reference_segments(stems["bass"], RATE)
+    ref = LP.reference_segments(stems["bass"], RATE)
     assert len(ref) == len(spans)
     for seg, (a, b) in zip(ref, spans):
         assert abs(seg.start_s - a) <= 0.1 + 1e-9 and abs(seg.end_s - b) <= 0.1 + 1e-9, (seg, a, b)
@@ -110,15 +111,15 @@ def test_score_presence_counts_and_frame_f1():
     truth = {("a", "vocals"): True, ("b", "vocals"): True, ("c", "vocals"): False}
     ref = np.zeros(40, bool)
     ref[:10] = True  # 0.5 s true; the prediction says 1 s
-    scores = P.score_presence(predicted, truth, {("a", "vocals"): ref}).per_stem["vocals"]
+    scores = LP.score_presence(predicted, truth, {("a", "vocals"): ref}).per_stem["vocals"]
     assert (scores["tp"], scores["fp"], scores["fn"], scores["tn"]) == (1, 1, 1, 0)
     assert scores["precision"] == 0.5 and scores["recall"] == 0.5
     assert scores["frame_f1"] == pytest.approx(2 * 0.5 * 1.0 / 1.5)
 
 
 def test_shipped_classifier_loads_from_registry_and_refuses_to_separate():
-    from models.base import ModelLoadError
-    from models.registry import load_model
+    from demix.models.base import ModelLoadError
+    from demix.models.registry import load_model
 
     clf = load_model("presence", kind="presence")
     assert clf.weights_sha256 and clf.sources == STEMS
@@ -132,14 +133,14 @@ def test_shipped_classifier_loads_from_registry_and_refuses_to_separate():
 def test_combined_detector_on_a_rendered_song_with_a_stem_left_out(tmp_path):
     """End to end on real (synthetic) music: render a song that leaves stems out, separate it with the
     shipped U-Net, and judge it with the shipped detector (classifier and energy agreeing)."""
-    from models.registry import load_model
-    from pipeline.synth import SynthConfig, plan_song, render_song
+    from demix.models.registry import load_model
+    from demix.pipeline.data.synth import SynthConfig, plan_song, render_song
 
     config = SynthConfig(tracks=8, seconds=12.0, seed=11, absent_share=0.5)
     index = next(i for i in range(8) if not all(plan_song(i, config).presence.values()))
     truth = plan_song(index, config).presence
     stems = render_song(index, config)
     mixture = sum(stems[s] for s in STEMS)
-    feats = P.separated_features(load_model("unet"), mixture, config.sample_rate)
+    feats = LP.separated_features(load_model("unet"), mixture, config.sample_rate)
     got = P.Detector("combined")(feats, STEMS)
     assert {s: got[s].present for s in STEMS} == {s: bool(truth[s]) for s in STEMS}

@@ -9,9 +9,9 @@ import threading
 import pytest
 import torch
 
-from models import ModelLoadError, get_entry, list_models, load_model
-from models.registry import DEFAULT_MODEL, ModelEntry, register
-from models import weights as W
+from demix.models import ModelLoadError, get_entry, list_models, load_model
+from demix.models.registry import DEFAULT_MODEL, ModelEntry, register
+from demix.models import weights as W
 
 
 def _sha(path) -> str:

@@ -54,7 +54,7 @@ def tone_catalog(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def separated(tone_catalog, tmp_path_factory, ray_cluster, prefect_api) -> tuple[str, dict]:
     """One committed catalog run with presence (energy detector: test-bands is not the classifier's separator)."""
-    from flows.separate_catalog import separate_catalog
+    from demix.flows.separate_catalog import separate_catalog
 
     out = str(tmp_path_factory.mktemp("run"))
     summary = separate_catalog(
@@ -66,7 +66,7 @@ def separated(tone_catalog, tmp_path_factory, ray_cluster, prefect_api) -> tuple
 
 
 def _stems_by_track(out: str) -> dict[str, dict[str, dict]]:
-    from pipeline import manifest
+    from demix.pipeline.batch import manifest
 
     tables = manifest.read_manifests(out)
     ids = {r["track_id"]: Path(r["source_uri"]).stem for r in tables["tracks"].to_pylist()}
@@ -100,7 +100,7 @@ def test_catalog_flow_fills_presence_columns(separated):
 
 
 def _remix(run: str, out: str, **kw) -> dict:
-    from flows.build_remix_dataset import build_remix_dataset
+    from demix.flows.build_remix_dataset import build_remix_dataset
 
     return build_remix_dataset(run_uri=run, out=out, **{"examples": 4, "seed": 3, "workers_count": 1, "shard_size": 2, "progress": False, **kw})
 
@@ -112,7 +112,7 @@ def _read(path) -> np.ndarray:
 
 
 def test_remix_lineage_exact_mixture_and_musdb_layout(separated, tmp_path):
-    from pipeline.datasets import MusdbDataset
+    from demix.pipeline.data.datasets import MusdbDataset
 
     run, _ = separated
     out = tmp_path / "remix"
@@ -185,8 +185,8 @@ def test_remix_is_deterministic_exactly_once_and_extends(separated, tmp_path):
 
 
 def test_remix_refuses_a_run_without_presence(tmp_path, ray_cluster, prefect_api, tone_catalog):
-    from flows.separate_catalog import separate_catalog
-    from pipeline.remix import RemixError
+    from demix.flows.separate_catalog import separate_catalog
+    from demix.pipeline.batch.remix import RemixError
 
     out = str(tmp_path / "run")
     separate_catalog(catalog=str(tone_catalog), out=out, model="test-bands", registry_module="demix_test_models",
@@ -198,7 +198,7 @@ def test_remix_refuses_a_run_without_presence(tmp_path, ray_cluster, prefect_api
 def test_exports_round_trip(separated, tmp_path):
     import pandas as pd
 
-    from pipeline.export import export_lyrics, export_transcription
+    from demix.pipeline.batch.export import export_lyrics, export_transcription
 
     run, _ = separated
     uri, n = export_lyrics(run, str(tmp_path / "lyrics"))
@@ -247,7 +247,7 @@ def test_remixes_manifest_reads_in_duckdb(separated, tmp_path):
 
 def test_remix_writes_to_s3(separated, s3):
     """The remix flow writes its dataset and manifests to S3 (moto) and a rerun there is exactly once."""
-    from pipeline.remix import consolidated
+    from demix.pipeline.batch.remix import consolidated
 
     run, _ = separated
     summary = _remix(run, s3.uri("remix"), examples=2)
@@ -262,8 +262,8 @@ def test_remix_writes_to_s3(separated, s3):
 def test_remix_bad_stem_is_a_failure_row_and_a_rerun_completes(tmp_path, ray_cluster, prefect_api, tone_catalog):
     """A recipient stem that cannot be read fails its examples (stage read, the example named), the
     others are committed; once the file is back, a rerun builds only the failed ones."""
-    from flows.separate_catalog import separate_catalog
-    from pipeline.remix import consolidated
+    from demix.flows.separate_catalog import separate_catalog
+    from demix.pipeline.batch.remix import consolidated
 
     run = str(tmp_path / "run")
     separate_catalog(catalog=str(tone_catalog), out=run, model="test-bands", registry_module="demix_test_models",

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from models.registry import DEFAULT_MODEL, get_entry, load_model
-from models.weights import sha256_file
+from demix.models.registry import DEFAULT_MODEL, get_entry, load_model
+from demix.models.weights import sha256_file
 
 MAX_BYTES = 25 * 1024 * 1024
 
@@ -27,7 +27,7 @@ def test_default_ships_verified_weights():
 
 @pytest.fixture(scope="module")
 def held_out(tmp_path_factory):
-    from pipeline.synth import SynthConfig, synth_dataset
+    from demix.pipeline.data.synth import SynthConfig, synth_dataset
 
     root = tmp_path_factory.mktemp("held-out")
     synth_dataset(root, SynthConfig(tracks=3, seconds=8.0, seed=90210, absent_share=0.0))
@@ -35,7 +35,7 @@ def held_out(tmp_path_factory):
 
 
 def test_default_beats_the_mixture_floor(held_out, tmp_path):
-    from pipeline.evaluate import evaluate_dataset, model_estimator
+    from demix.pipeline.learn.evaluate import evaluate_dataset, model_estimator
 
     floor = evaluate_dataset(held_out, "mixture", out=tmp_path / "floor").medians
     model = evaluate_dataset(held_out, model_estimator(load_model(DEFAULT_MODEL)), out=tmp_path / "model").medians

@@ -11,8 +11,8 @@ import pytest
 
 from tests.conftest import commit_concurrently
 
-from pipeline import manifest
-from pipeline.storage import S3_MAX_ATTEMPTS, S3FS_RETRIES, StorageError, local_copy, put_file
+from demix.pipeline.batch import manifest
+from demix.pipeline.io.storage import S3_MAX_ATTEMPTS, S3FS_RETRIES, StorageError, local_copy, put_file
 
 pytest_plugins = ["conftest_services"]
 
@@ -83,10 +83,10 @@ def test_encoder_failure_mid_track_leaves_no_stem_on_s3(s3, tmp_path, monkeypatc
     import soundfile as sf
 
     import demix_test_models  # noqa: F401 - registers test-gain
-    from models.registry import load_model
-    from pipeline.audio import Encoding
-    from pipeline.separate import SeparationSettings, TrackError, plan_stems, separate_track
-    from pipeline.synth import toy_song
+    from demix.models.registry import load_model
+    from demix.pipeline.io.audio import Encoding
+    from demix.pipeline.engine.separate import SeparationSettings, TrackError, plan_stems, separate_track
+    from demix.pipeline.data.synth import toy_song
 
     src = tmp_path / "song.wav"
     sf.write(src, toy_song(3.0, 8000, seed=4)["mixture"].T, 8000)
@@ -152,7 +152,7 @@ def test_commit_record_denied_is_a_storage_error(s3):
 
 
 def test_forbidden_catalogs_are_storage_errors(s3):
-    from pipeline.catalog import read_catalog
+    from demix.pipeline.batch.catalog import read_catalog
 
     s3.fs.pipe_file(f"{s3.name}/cat/list.csv", b"uri\na.wav\n")
     s3.fs.pipe_file(f"{s3.name}/music/a.wav", b"")

@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from pipeline import synth
-from pipeline.synth import STEMS, SynthConfig, SynthError, plan_song, render_song, synth_dataset, toy_song
+from demix.pipeline.data import synth
+from demix.pipeline.data.synth import STEMS, SynthConfig, SynthError, plan_song, render_song, synth_dataset, toy_song
+from demix.pipeline.io import write_float_wav
 
 FILES = ("mixture", *STEMS)
 
@@ -102,8 +103,8 @@ def test_midi_file_header_and_tempo():
 
 def test_wav_writer_is_byte_stable_and_readable(tmp_path):
     audio = np.random.default_rng(0).uniform(-1, 1, (2, 1000)).astype(np.float32)
-    synth.write_float_wav(tmp_path / "a.wav", audio, 22050)
-    synth.write_float_wav(tmp_path / "b.wav", audio, 22050)
+    write_float_wav(tmp_path / "a.wav", audio, 22050)
+    write_float_wav(tmp_path / "b.wav", audio, 22050)
     assert (tmp_path / "a.wav").read_bytes() == (tmp_path / "b.wav").read_bytes()
     info = sf.info(str(tmp_path / "a.wav"))
     assert (info.samplerate, info.channels, info.frames, info.subtype) == (22050, 2, 1000, "FLOAT")

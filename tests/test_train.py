@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from models import ModelLoadError, load_model
-from models.weights import sha256_file
-from pipeline.datasets import AugmentConfig
-from pipeline.train import TrainConfig, export_checkpoint, read_log, train
+from demix.models import ModelLoadError, load_model
+from demix.models.weights import sha256_file
+from demix.pipeline.data.datasets import AugmentConfig
+from demix.pipeline.learn.train import TrainConfig, export_checkpoint, read_log, train
 from test_datasets import make_musdb
 
 TINY = dict(depth=3, channels=4)

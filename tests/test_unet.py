@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.base import Separator
-from models.unet import SpectrogramUNet
+from demix.models.base import Separator
+from demix.models.unet import SpectrogramUNet
 
 SOURCES = ("vocals", "drums", "bass", "other")
 TINY = dict(depth=3, channels=4, n_fft=256, hop_length=64)

@@ -255,3 +255,73 @@ def put_file(local: str, uri: str) -> None:
             Path(local).unlink(missing_ok=True)
     except Exception as err:  # noqa: BLE001 - one typed error out
         raise StorageError(uri, f"{type(err).__name__}: {err}") from err
+
+
+def atomic_write(uri: str, data: bytes) -> None:
+    """Write ``data`` to ``uri`` atomically (see :func:`put_file`).
+
+    A local target is staged in its own folder, so the final ``os.replace`` never crosses file
+    systems (a temp file under ``/tmp`` cannot be renamed onto another mount).
+    """
+    folder = None if is_remote(uri) else os.path.dirname(os.path.abspath(local_path(uri)))
+    try:
+        if folder is not None:
+            os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".demix-", suffix=".part", dir=folder)
+    except OSError as err:
+        raise StorageError(uri, f"{type(err).__name__}: {err}") from err
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        put_file(tmp, uri)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _lost_race(err: BaseException) -> bool:
+    """True when ``err`` (or an error it wraps) is S3's answer to a conditional create of an existing key."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, FileExistsError):
+            return True
+        response = getattr(seen, "response", None)
+        if isinstance(response, dict):
+            code = response.get("Error", {}).get("Code")
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code == "PreconditionFailed" or status == 412:
+                return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def create_once(uri: str, data: bytes) -> bool:
+    """Create ``uri`` with ``data`` only if it does not exist; True when this call created it."""
+    if is_remote(uri):
+        fs, path = filesystem(uri)
+        try:
+            fs.pipe_file(path, data, mode="create")
+            return True
+        except Exception as err:  # noqa: BLE001 - botocore's PreconditionFailed comes in several wrappers
+            if _lost_race(err):
+                return False
+            raise StorageError(uri, f"{type(err).__name__}: {err}") from err
+    final = os.path.abspath(local_path(uri))
+    try:
+        os.makedirs(os.path.dirname(final), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".demix-", suffix=".part", dir=os.path.dirname(final))
+    except OSError as err:
+        raise StorageError(uri, f"{type(err).__name__}: {err}") from err
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.link(tmp, final)  # atomic create-if-absent on POSIX file systems
+        return True
+    except FileExistsError:
+        return False
+    except OSError as err:
+        raise StorageError(uri, f"{type(err).__name__}: {err}") from err
+    finally:
+        os.unlink(tmp)

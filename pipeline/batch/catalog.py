@@ -19,7 +19,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import PurePosixPath
 
-from pipeline.storage import StorageError, expand_inputs, filesystem, is_remote, local_path
+from demix.pipeline.io.storage import StorageError, expand_inputs, filesystem, is_remote, local_path
 
 _ID_OK = re.compile(r"[^A-Za-z0-9._-]+")
 _TABLE_SUFFIXES = (".csv", ".parquet", ".pq")

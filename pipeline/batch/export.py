@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from pipeline.manifest import SEGMENT, parquet_bytes, read_manifests, write_bytes
-from pipeline.storage import join, safe_component
+from demix.pipeline.batch.manifest import SEGMENT, parquet_bytes, read_manifests
+from demix.pipeline.io.storage import atomic_write, join, safe_component
 
 LYRICS_SCHEMA = pa.schema(
     [
@@ -125,7 +125,7 @@ def export_transcription(run: str, out: str, *, stems: Sequence[str] = TRANSCRIP
                 "active_s": float(sum(s["end_s"] - s["start_s"] for s in segs)), "active_segments": segs,
             })
     uri = join(out, "transcription.parquet")
-    write_bytes(uri, parquet_bytes(pa.Table.from_pylist(rows, schema=TRANSCRIPTION_SCHEMA)))
+    atomic_write(uri, parquet_bytes(pa.Table.from_pylist(rows, schema=TRANSCRIPTION_SCHEMA)))
     return uri, len(rows)
 
 
@@ -134,7 +134,7 @@ def export_lyrics(run: str, out: str, *, rule: ClipRule = ClipRule(), stem: str 
     """Cut every present ``stem`` into clips and write ``OUT/lyrics.parquet``; returns its URI and clip count."""
     import soundfile as sf
 
-    from pipeline.storage import AtomicOutput, local_copy
+    from demix.pipeline.io.storage import AtomicOutput, local_copy
 
     rows_in, sources = _committed(run)
     chosen = [r for r in rows_in if r["stem"] == stem and r["present"]]
@@ -159,6 +159,6 @@ def export_lyrics(run: str, out: str, *, rule: ClipRule = ClipRule(), stem: str 
         if progress is not None:
             progress(i + 1, len(chosen))
     uri = join(out, "lyrics.parquet")
-    write_bytes(uri, parquet_bytes(pa.Table.from_pylist(rows, schema=LYRICS_SCHEMA)))
+    atomic_write(uri, parquet_bytes(pa.Table.from_pylist(rows, schema=LYRICS_SCHEMA)))
     return uri, len(rows)
 

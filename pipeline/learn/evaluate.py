@@ -860,13 +860,13 @@ def load_track(folder: str | Path, stems: Sequence[str] = STEMS) -> tuple[np.nda
 
 
 def model_estimator(model, settings=None, *, sample_rate: int = 44100) -> Estimator:
-    """An estimator that runs a registered :class:`models.base.Separator` through
-    :func:`pipeline.separate.separate`, resampling to and from ``model.sample_rate`` when the dataset
+    """An estimator that runs a registered :class:`demix.models.base.Separator` through
+    :func:`demix.pipeline.engine.separate.separate`, resampling to and from ``model.sample_rate`` when the dataset
     rate ``sample_rate`` differs. Returns every model source by name."""
     import torch
 
-    from pipeline.audio import conform
-    from pipeline.separate import SeparationSettings, separate
+    from demix.pipeline.io.audio import conform
+    from demix.pipeline.engine.separate import SeparationSettings, separate
 
     settings = settings or SeparationSettings()
 

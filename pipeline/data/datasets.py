@@ -1,6 +1,6 @@
 """Multitrack datasets in the MUSDB18-HQ folder layout, and a training sampler with Demucs-style augmentation.
 
-Layout (MUSDB18-HQ, and what :mod:`pipeline.synth` writes)::
+Layout (MUSDB18-HQ, and what :mod:`demix.pipeline.data.synth` writes)::
 
     ROOT/<track name>/{mixture,vocals,drums,bass,other}.wav     one folder per track
     ROOT/truth.json                                             optional: {track: {stem: present}}

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import tempfile
 import time
 import uuid
 from collections.abc import Iterable
@@ -31,7 +29,7 @@ from datetime import datetime, timezone
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.storage import StorageError, filesystem, is_remote, join, local_path, put_file
+from demix.pipeline.io.storage import StorageError, atomic_write, create_once, filesystem, join
 
 SEGMENT = pa.struct([("start_s", pa.float64()), ("end_s", pa.float64())])
 
@@ -159,76 +157,6 @@ def parquet_bytes(table: pa.Table) -> bytes:
     return buf.getvalue()
 
 
-def write_bytes(uri: str, data: bytes) -> None:
-    """Write ``data`` to ``uri`` atomically (see :func:`pipeline.storage.put_file`).
-
-    A local target is staged in its own folder, so the final ``os.replace`` never crosses file
-    systems (a temp file under ``/tmp`` cannot be renamed onto another mount).
-    """
-    folder = None if is_remote(uri) else os.path.dirname(os.path.abspath(local_path(uri)))
-    try:
-        if folder is not None:
-            os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".demix-", suffix=".part", dir=folder)
-    except OSError as err:
-        raise StorageError(uri, f"{type(err).__name__}: {err}") from err
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        put_file(tmp, uri)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _lost_race(err: BaseException) -> bool:
-    """True when ``err`` (or an error it wraps) is S3's answer to a conditional create of an existing key."""
-    seen: BaseException | None = err
-    while seen is not None:
-        if isinstance(seen, FileExistsError):
-            return True
-        response = getattr(seen, "response", None)
-        if isinstance(response, dict):
-            code = response.get("Error", {}).get("Code")
-            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            if code == "PreconditionFailed" or status == 412:
-                return True
-        seen = seen.__cause__ or seen.__context__
-    return False
-
-
-def _create_once(uri: str, data: bytes) -> bool:
-    """Create ``uri`` with ``data`` only if it does not exist; True when this call created it."""
-    if is_remote(uri):
-        fs, path = filesystem(uri)
-        try:
-            fs.pipe_file(path, data, mode="create")
-            return True
-        except Exception as err:  # noqa: BLE001 - botocore's PreconditionFailed comes in several wrappers
-            if _lost_race(err):
-                return False
-            raise StorageError(uri, f"{type(err).__name__}: {err}") from err
-    final = os.path.abspath(local_path(uri))
-    try:
-        os.makedirs(os.path.dirname(final), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".demix-", suffix=".part", dir=os.path.dirname(final))
-    except OSError as err:
-        raise StorageError(uri, f"{type(err).__name__}: {err}") from err
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.link(tmp, final)  # atomic create-if-absent on POSIX file systems
-        return True
-    except FileExistsError:
-        return False
-    except OSError as err:
-        raise StorageError(uri, f"{type(err).__name__}: {err}") from err
-    finally:
-        os.unlink(tmp)
-
-
 @dataclass(frozen=True)
 class Commit:
     """A commit record: which attempt's parts hold a shard's rows.
@@ -276,11 +204,11 @@ def commit_tables(
     for kind, table in tables.items():
         table = table.set_column(table.schema.get_field_index("attempt"), "attempt", pa.array([attempt] * len(table), pa.string()))
         key = f"_parts/{shard_id}/{attempt}/{kind}.parquet"
-        write_bytes(join(root, key), parquet_bytes(table))
+        atomic_write(join(root, key), parquet_bytes(table))
         parts[kind] = key
     commit = Commit(shard_id=shard_id, attempt=attempt, committed_at=now.isoformat(), track_ids=tuple(ids), parts=parts)
     record = join(root, "_commits", f"{shard_id}.json")
-    if _create_once(record, json.dumps(asdict(commit), indent=1).encode()):
+    if create_once(record, json.dumps(asdict(commit), indent=1).encode()):
         return commit
     return _load_commit(record)
 
@@ -378,6 +306,6 @@ def write_consolidated(out: str, tables: dict[str, pa.Table]) -> dict[str, str]:
     written = {}
     for kind, table in tables.items():
         uri = join(manifests_root(out), f"{kind}.parquet")
-        write_bytes(uri, parquet_bytes(table))
+        atomic_write(uri, parquet_bytes(table))
         written[kind] = uri
     return written

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from models.base import Separator
+from demix.models.base import Separator
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -398,12 +398,12 @@ class TrackResult:
     decoder: str = ""
     num_frames: int = 0  # output frames per stem, at the model's rate
     rms_dbfs: dict[str, float] = field(default_factory=dict)  # per stem, as written (before clip handling)
-    presence: dict = field(default_factory=dict)  # stem -> pipeline.presence.Presence (when a detector ran)
+    presence: dict = field(default_factory=dict)  # stem -> demix.pipeline.engine.presence.Presence (when a detector ran)
 
 
 def _stage_of(err: BaseException, default: str) -> str:
-    from pipeline.audio import AudioError
-    from pipeline.storage import StorageError
+    from demix.pipeline.io.audio import AudioError
+    from demix.pipeline.io.storage import StorageError
 
     if isinstance(err, (AudioError, StorageError)):
         return err.stage
@@ -430,9 +430,9 @@ def separate_track(
 
     Args:
         outputs: final URI for every stem name in ``plan``.
-        encoding: a :class:`pipeline.audio.Encoding`.
+        encoding: a :class:`demix.pipeline.io.audio.Encoding`.
         progress: called with seconds of input processed after each block.
-        presence: a :class:`pipeline.presence.Detector`; frame features of every model source, every
+        presence: a :class:`demix.pipeline.engine.presence.Detector`; frame features of every model source, every
             summed stem and the mixture (the sum of the sources) are gathered while encoding, and
             the detector's verdict per written stem lands in :attr:`TrackResult.presence`.
 
@@ -441,8 +441,8 @@ def separate_track(
     """
     import time
 
-    from pipeline.audio import AudioWriter, open_audio, stream_conformed
-    from pipeline.storage import AtomicOutput, local_copy
+    from demix.pipeline.io.audio import AudioWriter, open_audio, stream_conformed
+    from demix.pipeline.io.storage import AtomicOutput, local_copy
 
     missing = [s for s in plan.names if s not in outputs]
     if missing:
@@ -484,7 +484,7 @@ def separate_track(
                 energy = dict.fromkeys(plan.names, 0.0)
                 features = None
                 if presence is not None:
-                    from pipeline.presence import MIXTURE, FrameFeatures
+                    from demix.pipeline.engine.presence import MIXTURE, FrameFeatures
 
                     summed = tuple(n for n in plan.names if n not in model.sources)
                     features = FrameFeatures((*model.sources, *summed, MIXTURE), model.sample_rate)

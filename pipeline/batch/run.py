@@ -14,12 +14,12 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 
-from models.base import Separator
-from pipeline.audio import Encoding
-from pipeline.catalog import Track
-from pipeline.manifest import FailureRow, StemRow, TrackRow
-from pipeline.separate import SeparationSettings, TrackError, plan_stems, separate_track
-from pipeline.storage import filesystem, join
+from demix.models.base import Separator
+from demix.pipeline.io.audio import Encoding
+from demix.pipeline.batch.catalog import Track
+from demix.pipeline.batch.manifest import FailureRow, StemRow, TrackRow
+from demix.pipeline.engine.separate import SeparationSettings, TrackError, plan_stems, separate_track
+from demix.pipeline.io.storage import filesystem, join
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ class RunSpec:
 
     ``registry_module`` names a module to import before the model is looked up, in every process
     that loads it (the planner and each Ray actor): a module that registers extra entries with
-    :func:`models.registry.register` (tests, plug-in models). It must be importable on every Ray
+    :func:`demix.models.registry.register` (tests, plug-in models). It must be importable on every Ray
     worker (installed, or on their ``PYTHONPATH``). It is not part of :meth:`settings_hash`: the
     model's name, options and weights digest already are.
     """
@@ -46,13 +46,13 @@ class RunSpec:
     presence: str = "combined"
 
     def load_presence(self, separator: Separator):
-        """The :class:`pipeline.presence.Detector` of this run (``presence`` is one of its kinds)."""
-        from pipeline.presence import Detector
+        """The :class:`demix.pipeline.engine.presence.Detector` of this run (``presence`` is one of its kinds)."""
+        from demix.pipeline.engine.presence import Detector
 
         return Detector(self.presence, sources=separator.sources)
 
     def load(self, device: str | None = None) -> Separator:
-        from models.registry import load_model
+        from demix.models.registry import load_model
 
         if self.registry_module:
             importlib.import_module(self.registry_module)

@@ -1,7 +1,7 @@
 """Training loop for the project's own models, resumable, with validation SDR and verified checkpoints.
 
 :func:`train` fits any trainable registered model (the spectrogram U-Net first of all) on a dataset
-folder in the MUSDB18-HQ layout (:mod:`pipeline.datasets`), on CUDA when present and on CPU otherwise.
+folder in the MUSDB18-HQ layout (:mod:`demix.pipeline.data.datasets`), on CUDA when present and on CPU otherwise.
 Its output folder holds::
 
     config.json     the TrainConfig; a second run in the same folder must match it (it resumes)
@@ -9,12 +9,12 @@ Its output folder holds::
     log.jsonl       one JSON record per logged step: train_loss, and valid_loss / valid_sdr when validated
     best.safetensors, best.json     the weights with the best mean validation SDR so far, with their sha256
 
-Training example ``k`` is a pure function of ``(seed, k)`` (:class:`~pipeline.datasets.TrainingSampler`)
+Training example ``k`` is a pure function of ``(seed, k)`` (:class:`~demix.pipeline.data.datasets.TrainingSampler`)
 and the torch RNG state is checkpointed, so an interrupted run that resumes reaches the weights of an
 uninterrupted one (bitwise on CPU with the same thread count).
 
 :func:`export_checkpoint` turns ``best.safetensors`` into a shippable ``<model>-<sha8>.safetensors``
-(optionally float16) that :func:`models.registry.load_model` verifies by name.
+(optionally float16) that :func:`demix.models.registry.load_model` verifies by name.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from pipeline.datasets import AugmentConfig, MusdbDataset, TrainingSampler, fixed_excerpts, is_silent
+from demix.pipeline.data.datasets import AugmentConfig, MusdbDataset, TrainingSampler, fixed_excerpts, is_silent
 
 LOSSES = ("l1", "mse")
 STATE_FORMAT = 1
@@ -51,7 +51,7 @@ class TrainConfig:
     Attributes:
         dataset: folder of track folders (MUSDB18-HQ layout; for MUSDB18-HQ itself its ``train/``).
         model: registered model name; it must have trainable parameters.
-        model_options: options for :func:`models.registry.load_model` (``depth``, ``channels``, ...).
+        model_options: options for :func:`demix.models.registry.load_model` (``depth``, ``channels``, ...).
         valid_dataset: validation folder; ``None`` holds out ``valid_share`` of ``dataset``'s tracks.
         valid_share: share of tracks held out when ``valid_dataset`` is ``None``.
         valid_seconds: length of each validation excerpt (middle of each track); ``None`` uses
@@ -172,7 +172,7 @@ def _save_safetensors(path: Path, state: dict[str, Tensor]) -> str:
     """Write ``state`` (moved to CPU, contiguous) as safetensors atomically; return its sha256."""
     from safetensors.torch import save_file
 
-    from models.weights import sha256_file
+    from demix.models.weights import sha256_file
 
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     _atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
@@ -295,8 +295,8 @@ def train(
             holding a run with another configuration (or one already past ``config.steps``).
         models.ModelLoadError: the model cannot be built.
     """
-    from models.registry import get_entry, load_model
-    from models.weights import load_strict
+    from demix.models.registry import get_entry, load_model
+    from demix.models.weights import load_strict
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -472,9 +472,9 @@ def export_checkpoint(state_dir: str | Path, dest: str | Path, *, half: bool = F
 
     Returns:
         ``(path, sha256)`` of the exported weights; the name carries the first 8 hex digits, which
-        :func:`models.registry.load_model` checks.
+        :func:`demix.models.registry.load_model` checks.
     """
-    from models.weights import sha256_file, verify
+    from demix.models.weights import sha256_file, verify
 
     state_dir, dest = Path(state_dir), Path(dest)
     weights, meta_path = state_dir / "best.safetensors", state_dir / "best.json"
@@ -519,9 +519,9 @@ def fit_nmf(
     """
     import numpy as np
 
-    from models.registry import load_model
-    from models.weights import sha256_file
-    from pipeline.datasets import MusdbDataset
+    from demix.models.registry import load_model
+    from demix.models.weights import sha256_file
+    from demix.pipeline.data.datasets import MusdbDataset
 
     data = MusdbDataset(dataset)
     model = load_model("nmf", components=components, pretrained=False)

@@ -36,6 +36,8 @@ from typing import NamedTuple
 import numpy as np
 from scipy.fft import next_fast_len
 
+from demix.pipeline.io import write_float_wav
+
 STEMS = ("vocals", "drums", "bass", "other")
 
 
@@ -1231,21 +1233,6 @@ def render_song(index: int, config: SynthConfig) -> dict[str, np.ndarray]:
 # --- dataset ------------------------------------------------------------------------------------------------------
 
 
-def write_float_wav(path: str | Path, audio: np.ndarray, sample_rate: int) -> None:
-    """32-bit float WAV with fixed bytes (libsndfile would add a PEAK chunk holding the write time)."""
-    channels, frames = audio.shape
-    data = np.ascontiguousarray(audio.T, dtype="<f4").tobytes()
-    if len(data) > 0xFFFFFFFF - 64:
-        raise SynthError(f"{path}: {frames} frames x {channels} channels is too long for a WAV file")
-    fmt = struct.pack("<HHIIHH", 3, channels, sample_rate, sample_rate * channels * 4, channels * 4, 32)
-    header = (b"RIFF" + struct.pack("<I", 4 + 24 + 12 + 8 + len(data)) + b"WAVE"
-              + b"fmt " + struct.pack("<I", 16) + fmt + b"fact" + struct.pack("<II", 4, frames)
-              + b"data" + struct.pack("<I", len(data)))
-    with open(path, "wb") as f:
-        f.write(header)
-        f.write(data)
-
-
 def _write_json(path: Path, obj: object) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
@@ -1335,7 +1322,7 @@ def write_demo_catalog(folder: str | Path, *, tracks: int = 3, seconds: float = 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.synth", description="write generated audio")
+    parser = argparse.ArgumentParser(prog="python -m demix.pipeline.data.synth", description="write generated audio")
     sub = parser.add_subparsers(dest="what", required=True)
     demo = sub.add_parser("demo", help="a few toy mixtures in assorted formats and names")
     demo.add_argument("out")
@@ -1364,7 +1351,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             print(write_demo_catalog(args.out, tracks=args.tracks, seconds=args.seconds))
         except (SynthError, ValueError) as err:
-            print(f"pipeline.synth: {err}", file=sys.stderr)
+            print(f"demix.pipeline.data.synth: {err}", file=sys.stderr)
             return 1
         return 0
     try:
@@ -1374,7 +1361,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         truth = synth_dataset(args.out, config)
     except (SynthError, ValueError) as err:
-        print(f"pipeline.synth: {err}", file=sys.stderr)
+        print(f"demix.pipeline.data.synth: {err}", file=sys.stderr)
         return 1
     for name in map(track_name, range(config.tracks)):
         print(name, " ".join(s for s in STEMS if truth[name][s]))

@@ -14,7 +14,7 @@ recorded as failed.
 Why Ray Data rather than a hand-made actor pool: it streams (bounded objects in flight), restarts
 actors and retries their batches, sizes one pool for CPUs or GPUs, and scales to a cluster with
 ``--ray-address`` unchanged. Decoding and encoding overlap with model compute inside each actor
-(:func:`pipeline.separate.separate_track` runs them in threads around the model).
+(:func:`demix.pipeline.engine.separate.separate_track` runs them in threads around the model).
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 
-from pipeline.catalog import Shard, Track
-from pipeline.manifest import FailureRow, ShardResult, StemRow, TrackRow
-from pipeline.run import RunSpec, process_track
+from demix.pipeline.batch.catalog import Shard, Track
+from demix.pipeline.batch.manifest import FailureRow, ShardResult, StemRow, TrackRow
+from demix.pipeline.batch.run import RunSpec, process_track
 
 
 @dataclass(frozen=True)
@@ -136,7 +136,7 @@ class _CountedActor:
 class SeparatorActor(_CountedActor):
     """Loads the model once in ``__init__``; ``__call__`` separates a batch of tracks.
 
-    Delegates all work to :func:`pipeline.run.process_track`, which tests call without Ray. A track
+    Delegates all work to :func:`demix.pipeline.batch.run.process_track`, which tests call without Ray. A track
     started more than ``max_attempts`` times (see :class:`_CountedActor`) gets the rows of
     :func:`given_up`.
     """
@@ -277,13 +277,13 @@ def _stream(items: list[dict], actor_cls: type, kwargs: dict, resources: Resourc
 
 
 class RemixActor(_CountedActor):
-    """Builds remix examples (:func:`pipeline.remix.build_example`); a bad example becomes a failure
+    """Builds remix examples (:func:`demix.pipeline.batch.remix.build_example`); a bad example becomes a failure
     row. Like :class:`SeparatorActor`, an example whose build killed the process ``max_attempts``
     times is given up."""
 
     def __call__(self, batch: dict) -> dict:
-        from pipeline.remix import Recipe, build_example
-        from pipeline.separate import TrackError
+        from demix.pipeline.batch.remix import Recipe, build_example
+        from demix.pipeline.engine.separate import TrackError
 
         out: dict[str, list] = {"shard_id": [], "track_id": [], "result": []}
         for shard_id, example_id, text in zip(batch["shard_id"], batch["track_id"], batch["recipe"]):

@@ -36,7 +36,7 @@ def _comma_list(text: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from models.registry import DEFAULT_MODEL
+    from demix.models.registry import DEFAULT_MODEL
 
     parser = argparse.ArgumentParser(
         prog="demix",
@@ -224,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _track_names(inputs: Sequence[str]) -> list[str]:
     """Output folder name per input: the file name without extension, made safe and unique."""
-    from pipeline.storage import safe_component
+    from demix.pipeline.io.storage import safe_component
 
     names, seen = [], {}
     for uri in inputs:
@@ -236,7 +236,7 @@ def _track_names(inputs: Sequence[str]) -> list[str]:
 
 
 def cmd_models(_: argparse.Namespace) -> int:
-    from models.registry import DEFAULT_MODEL, list_models
+    from demix.models.registry import DEFAULT_MODEL, list_models
 
     for entry in list_models():
         default = " (default)" if entry.name == DEFAULT_MODEL else ""
@@ -265,11 +265,11 @@ def _encoding_kwargs(args: argparse.Namespace) -> dict:
 def cmd_separate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from models.base import ModelLoadError
-    from models.registry import load_model
-    from pipeline.audio import Encoding
-    from pipeline.separate import SeparationSettings, TrackError, plan_stems, separate_track
-    from pipeline.storage import StorageError, expand_inputs, join
+    from demix.models.base import ModelLoadError
+    from demix.models.registry import load_model
+    from demix.pipeline.io.audio import Encoding
+    from demix.pipeline.engine.separate import SeparationSettings, TrackError, plan_stems, separate_track
+    from demix.pipeline.io.storage import StorageError, expand_inputs, join
 
     try:
         encoding = Encoding(**_encoding_kwargs(args))
@@ -324,12 +324,12 @@ def cmd_separate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from models.base import ModelLoadError
-    from models.registry import get_entry
-    from pipeline.audio import Encoding
-    from pipeline.catalog import CatalogError
-    from pipeline.separate import SeparationSettings, plan_stems
-    from pipeline.storage import StorageError
+    from demix.models.base import ModelLoadError
+    from demix.models.registry import get_entry
+    from demix.pipeline.io.audio import Encoding
+    from demix.pipeline.batch.catalog import CatalogError
+    from demix.pipeline.engine.separate import SeparationSettings, plan_stems
+    from demix.pipeline.io.storage import StorageError
 
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -345,7 +345,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except (ValueError, ModelLoadError) as err:
         print(f"demix: error: {err}", file=sys.stderr)
         return 2
-    from flows.separate_catalog import separate_catalog
+    from demix.flows.separate_catalog import separate_catalog
 
     try:
         summary = separate_catalog(
@@ -402,10 +402,11 @@ def _progress(bar):
 def cmd_presence(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from models.base import ModelLoadError
-    from models.registry import load_model
-    from pipeline.presence import Detector, evaluate_presence
-    from pipeline.separate import SeparationSettings
+    from demix.models.base import ModelLoadError
+    from demix.models.registry import load_model
+    from demix.pipeline.engine.presence import Detector
+    from demix.pipeline.learn.presence import evaluate_presence
+    from demix.pipeline.engine.separate import SeparationSettings
 
     try:
         settings = SeparationSettings(**_settings_kwargs(args), device=_device(args.device))
@@ -433,8 +434,8 @@ def cmd_presence(args: argparse.Namespace) -> int:
 
 
 def cmd_remix(args: argparse.Namespace) -> int:
-    from pipeline.remix import RemixConfig, RemixError
-    from pipeline.storage import StorageError
+    from demix.pipeline.batch.remix import RemixConfig, RemixError
+    from demix.pipeline.io.storage import StorageError
 
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -445,7 +446,7 @@ def cmd_remix(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"demix: error: {err}", file=sys.stderr)
         return 2
-    from flows.build_remix_dataset import build_remix_dataset
+    from demix.flows.build_remix_dataset import build_remix_dataset
 
     try:
         summary = build_remix_dataset(
@@ -475,8 +476,8 @@ def cmd_remix(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from pipeline.export import ClipRule, ExportError, export_lyrics, export_transcription
-    from pipeline.storage import StorageError
+    from demix.pipeline.batch.export import ClipRule, ExportError, export_lyrics, export_transcription
+    from demix.pipeline.io.storage import StorageError
 
     try:
         if args.task == "lyrics":
@@ -499,10 +500,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.presence:
         return cmd_presence(args)
 
-    from models.base import ModelLoadError
-    from models.registry import load_model
-    from pipeline.evaluate import evaluate_dataset, model_estimator
-    from pipeline.separate import SeparationSettings
+    from demix.models.base import ModelLoadError
+    from demix.models.registry import load_model
+    from demix.pipeline.learn.evaluate import evaluate_dataset, model_estimator
+    from demix.pipeline.engine.separate import SeparationSettings
 
     try:
         if args.model in ("mixture", "irm") and not args.weights:
@@ -541,7 +542,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_synth(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from pipeline.synth import SynthConfig, SynthError, synth_dataset
+    from demix.pipeline.data.synth import SynthConfig, SynthError, synth_dataset
 
     try:
         config = SynthConfig(
@@ -573,13 +574,13 @@ def _parse_option(text: str):
 def cmd_train(args: argparse.Namespace) -> int:
     import json
 
-    from models.base import ModelLoadError
-    from pipeline.train import TrainConfig, export_checkpoint, train
+    from demix.models.base import ModelLoadError
+    from demix.pipeline.learn.train import TrainConfig, export_checkpoint, train
 
     if args.model == "presence":  # the presence classifier: trained on separations of DATASET
         return cmd_train_presence(args)
     if args.model == "nmf":  # not gradient-trained: dictionaries are fitted to the training stems
-        from pipeline.train import fit_nmf
+        from demix.pipeline.learn.train import fit_nmf
 
         options = dict(_parse_option(o) for o in args.option)
         try:
@@ -617,9 +618,9 @@ def cmd_train_presence(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from models.base import ModelLoadError
-    from models.registry import load_model
-    from pipeline.presence import labelled_examples, save_classifier, train_classifier
+    from demix.models.base import ModelLoadError
+    from demix.models.registry import load_model
+    from demix.pipeline.learn.presence import labelled_examples, save_classifier, train_classifier
 
     options = dict(_parse_option(o) for o in args.option)
     try:

@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pyarrow as pa
 
-from pipeline.storage import join
+from demix.pipeline.io.storage import join
 
 STEM_LINEAGE = pa.struct(
     [
@@ -276,8 +276,8 @@ def _read(uri: str, start: int = 0, frames: int = -1) -> tuple[np.ndarray, int]:
     """``(channels, time)`` float32 and the rate of ``uri`` from ``start`` (``frames`` or the rest)."""
     import soundfile as sf
 
-    from pipeline.audio import AudioError
-    from pipeline.storage import local_copy
+    from demix.pipeline.io.audio import AudioError
+    from demix.pipeline.io.storage import local_copy
 
     with local_copy(uri) as path:
         try:
@@ -356,9 +356,9 @@ def build_example(recipe: Recipe) -> dict:
     """Read, mix and write one example; return its ``remixes`` row (see :data:`REMIXES_SCHEMA`).
 
     Raises:
-        pipeline.separate.TrackError: naming the example and the stage (read, decode, remix, write).
+        demix.pipeline.engine.separate.TrackError: naming the example and the stage (read, decode, remix, write).
     """
-    from pipeline.separate import TrackError, _stage_of
+    from demix.pipeline.engine.separate import TrackError, _stage_of
 
     try:
         return _build(recipe)
@@ -369,8 +369,8 @@ def build_example(recipe: Recipe) -> dict:
 
 
 def _build(recipe: Recipe) -> dict:
-    from pipeline.storage import AtomicOutput
-    from pipeline.synth import write_float_wav
+    from demix.pipeline.io.storage import AtomicOutput
+    from demix.pipeline.io import write_float_wav
 
     rec = {s: StemSource.from_dict(v) for s, v in recipe.recipient.items()}
     rate = next(iter(rec.values())).sample_rate
@@ -471,7 +471,7 @@ def consolidated(out: str) -> tuple[pa.Table, pa.Table]:
     files are the same either way (deterministic keys and content). A failure row is kept only for
     examples that never succeeded.
     """
-    from pipeline.manifest import FAILURES_SCHEMA, read_committed
+    from demix.pipeline.batch.manifest import FAILURES_SCHEMA, read_committed
 
     remixes, commits = read_committed(out, "remixes", REMIXES_SCHEMA)
     failures, _ = read_committed(out, "failures", FAILURES_SCHEMA)
@@ -492,7 +492,7 @@ def consolidated(out: str) -> tuple[pa.Table, pa.Table]:
 
 def committed_examples(out: str) -> set[str]:
     """Example ids already committed ``ok`` under ``out`` (what a rerun skips)."""
-    from pipeline.manifest import read_committed
+    from demix.pipeline.batch.manifest import read_committed
 
     table, _ = read_committed(out, "remixes", REMIXES_SCHEMA)
     return set(table.column("example_id").to_pylist())

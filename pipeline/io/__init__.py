@@ -1,0 +1,20 @@
+"""Storage and audio I/O: URIs, atomic and create-once outputs, decoding, conforming and encoding.
+
+Every module of demix that reads or writes audio, or writes a file, goes through this package.
+"""
+
+from demix.pipeline.io.audio import (
+    AudioError, AudioInfo, AudioStream, AudioWriter, Encoding, audio_info, conform, load_audio, open_audio,
+    read_slice, save_audio, stream_conformed, write_float_wav,
+)
+from demix.pipeline.io.storage import (
+    AUDIO_EXTENSIONS, AtomicOutput, StorageError, atomic_write, create_once, expand_inputs, filesystem, is_remote,
+    join, local_copy, local_path, output_root, put_file, safe_component,
+)
+
+__all__ = [
+    "AUDIO_EXTENSIONS", "AtomicOutput", "AudioError", "AudioInfo", "AudioStream", "AudioWriter", "Encoding",
+    "StorageError", "atomic_write", "audio_info", "conform", "create_once", "expand_inputs", "filesystem",
+    "is_remote", "join", "load_audio", "local_copy", "local_path", "open_audio", "output_root", "put_file",
+    "read_slice", "safe_component", "save_audio", "stream_conformed", "write_float_wav",
+]
