@@ -243,7 +243,7 @@ def timed(fn: Callable[[], object]) -> tuple[float, float]:
 
 
 def demix_chunk_starts(total: int, segment: float, overlap: float) -> tuple[int, list[int]]:
-    """Chunk length and chunk starts as ``demix.pipeline.engine.separate`` lays them out (batch size 1)."""
+    """Chunk length and chunk starts as ``demix.pipeline.engine.overlap_add`` lays them out (batch size 1)."""
     length = max(1, round(segment * SAMPLE_RATE))
     stride = max(1, int((1 - overlap) * length))
     return length, list(range(0, total, stride))
@@ -715,7 +715,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def prepare_methods(keys: list[str], workdir: Path, weights: Path, args: argparse.Namespace) -> tuple[list[Method], dict[str, str]]:
     """Write the audio, load the model and warm every method up; failures become skipped rows."""
-    from demix.pipeline.engine.separate import track_stats
+    from demix.pipeline.engine import track_stats
 
     model = load_bench_model(weights)
     net = model.weights_module()

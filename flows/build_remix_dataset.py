@@ -1,5 +1,6 @@
 """The remix flow: plan -> build (Ray) -> commit (per shard) -> report. Thin: each task calls one
-pipeline function (:mod:`demix.pipeline.batch.remix`, :mod:`demix.pipeline.batch.manifest`, :mod:`demix.pipeline.batch.workers`).
+pipeline function (:mod:`demix.pipeline.batch.remix`, :mod:`demix.pipeline.batch.manifest`,
+:mod:`demix.pipeline.batch.workers`, :mod:`demix.pipeline.batch.report`).
 
 Exactly once like the catalog flow: examples have deterministic ids and file keys, rows reach
 ``remixes.parquet`` only through a shard's create-once commit record, and a rerun skips examples
@@ -8,23 +9,19 @@ already committed. Storage credentials come from the standard AWS environment, n
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 import uuid
 from dataclasses import dataclass
 
-import pyarrow as pa
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from tqdm import tqdm
 
 from demix.flows.separate_catalog import retryable  # the same permanent errors (RemixError is a ValueError)
-from demix.pipeline.batch import manifest
-from demix.pipeline.batch import remix
-from demix.pipeline.batch import workers
-from demix.pipeline.batch.catalog import shard_id
-from demix.pipeline.io.storage import atomic_write, join, output_root
+from demix.pipeline.batch import manifest, remix, report as reports, workers
+from demix.pipeline.io import join, output_root
 
 
 @dataclass(frozen=True)
@@ -43,30 +40,19 @@ def plan(run_uri: str, out: str, config: remix.RemixConfig, shard_size: int) -> 
     recipes = remix.plan_remixes(sources, config, run_uri=run_uri, out=out)
     done = remix.committed_examples(out)
     pending = [r for r in recipes if r.example_id not in done]
-    run_id = uuid.uuid4().hex
-    shards = []
-    for i in range(0, len(pending), shard_size):
-        group = pending[i : i + shard_size]
-        shards.append((shard_id(run_id, [r.example_id for r in group], prefix="remix"), group))
+    shards = remix.shard_recipes(pending, shard_size, run_id=uuid.uuid4().hex)
     return RemixPlan(shards, len(recipes), len(recipes) - len(pending), recipes[0].plan_digest)
 
 
 @task(retries=3, retry_delay_seconds=[1, 5, 15], retry_condition_fn=retryable, cache_policy=NO_CACHE)
 def commit(out: str, shard_id: str, rows: list[dict], failures: list[manifest.FailureRow]) -> manifest.Commit:
     """Write one shard's ``remixes`` and ``failures`` parts and create its commit record."""
-    tables = {
-        "remixes": pa.Table.from_pylist([{**r, "attempt": None} for r in rows], schema=remix.REMIXES_SCHEMA),
-        "failures": manifest.rows_table(failures, manifest.FAILURES_SCHEMA, {}),
-    }
-    ids = [r["example_id"] for r in rows] + [f.track_id for f in failures]
-    return manifest.commit_tables(out, shard_id, tables, ids)
+    return remix.commit_examples(out, shard_id, rows, failures)
 
 
 @task(cache_policy=NO_CACHE)
 def execute(the_plan: RemixPlan, out: str, n_workers: int | None, ray_address: str | None, progress: bool) -> dict:
     """Build every pending example on the Ray actor pool, committing each shard as it completes."""
-    from tqdm import tqdm
-
     workers.init_ray(ray_address)
     get_run_logger().info("remix: %d examples to build in %d shards", sum(len(r) for _, r in the_plan.shards), len(the_plan.shards))
     stats = {"ok": 0, "failed": 0, "commits": 0}
@@ -93,34 +79,12 @@ def report(out: str, split: str, the_plan: RemixPlan, stats: dict) -> dict:
     remixes, failures = remix.consolidated(out)
     rows = [r for r in remixes.to_pylist() if r["split"] == split]
     paths = manifest.write_consolidated(out, {"remixes": remixes, "failures": failures})
-    truth_uri = join(out, split, "truth.json")
-    atomic_write(truth_uri, json.dumps(remix.truth_of(rows), indent=1, sort_keys=True).encode())
-    by_stem: dict[str, int] = {}
-    for r in rows:
-        by_stem[r["target_stem"]] = by_stem.get(r["target_stem"], 0) + 1
-    summary = {
-        "examples_planned": the_plan.total,
-        "skipped_already_committed": the_plan.skipped,
-        "built_now": stats["ok"],
-        "failed_now": stats["failed"],
-        "committed_total": remixes.num_rows,
-        "failed_total": failures.num_rows,
-        "by_target_stem": by_stem,
-        "hours_total": sum(r["duration_s"] for r in rows) / 3600,
-        "wall_seconds_now": stats.get("wall_s", 0.0),
-        "dataset": join(out, split),
-        "manifests": {**paths, "truth": truth_uri},
-        "failures": [{k: f[k] for k in ("track_id", "stage", "error_type", "message")} for f in failures.to_pylist()],
-    }
-    lines = [
-        "# demix build-remix-dataset", "", "| | |", "| --- | --- |",
-        f"| examples planned | {the_plan.total} |", f"| skipped (already committed) | {the_plan.skipped} |",
-        f"| built now / failed now | {stats['ok']} / {stats['failed']} |",
-        f"| committed examples (all runs) | {remixes.num_rows} |",
-        f"| target stems | {', '.join(f'{k}: {v}' for k, v in sorted(by_stem.items()))} |",
-        f"| hours of audio | {summary['hours_total']:.3f} |", "",
-    ]
-    create_markdown_artifact(markdown="\n".join(lines), key="build-remix-dataset-report", description="demix remix summary")
+    truth_uri = remix.write_truth(out, split, rows)
+    summary = reports.remix_summary(
+        remixes, failures, rows, {**paths, "truth": truth_uri}, join(out, split), the_plan.total, the_plan.skipped, stats
+    )
+    markdown = reports.remix_markdown(summary)
+    create_markdown_artifact(markdown=markdown, key="build-remix-dataset-report", description="demix remix summary")
     return summary
 
 

@@ -15,15 +15,14 @@ from dataclasses import dataclass
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from tqdm import tqdm
 
-from demix.models.base import ModelLoadError
+from demix.models import ModelLoadError
 from demix.pipeline.batch import catalog as cat
-from demix.pipeline.batch import manifest
-from demix.pipeline.batch import workers
-from demix.pipeline.io.audio import Encoding
+from demix.pipeline.batch import manifest, report as reports, workers
 from demix.pipeline.batch.run import RunSpec
-from demix.pipeline.engine.separate import SeparationSettings
-from demix.pipeline.io.storage import StorageError, output_root
+from demix.pipeline.engine import SeparationSettings
+from demix.pipeline.io import Encoding, StorageError, output_root
 
 
 @dataclass(frozen=True)
@@ -72,8 +71,6 @@ def execute(
     the_plan: Plan, spec: RunSpec, n_workers: int | None, device: str, ray_address: str | None, progress: bool
 ) -> dict:
     """Run every pending track through the Ray actor pool, committing each shard as it completes."""
-    from tqdm import tqdm
-
     logger = get_run_logger()
     workers.init_ray(ray_address)
     resources = workers.plan_resources(n_workers, device)
@@ -107,53 +104,9 @@ def report(out: str, the_plan: Plan, stats: dict) -> dict:
     """Consolidate the committed manifests and publish a Markdown artifact."""
     tables = manifest.read_manifests(out)
     paths = manifest.write_consolidated(out, tables)
-    failures = tables["failures"].to_pylist()
-    tracks = tables["tracks"].to_pylist()
-    hours = sum((r["duration_s"] or 0.0) for r in tracks if r["status"] == "ok") / 3600
-    presence: dict[str, list[int]] = {}  # stem -> [present, judged]
-    for r in tables["stems"].select(["stem", "present"]).to_pylist():
-        if r["present"] is not None:
-            counts = presence.setdefault(r["stem"], [0, 0])
-            counts[0] += int(r["present"])
-            counts[1] += 1
-    rtf = stats["audio_s"] / stats["wall_s"] if stats.get("wall_s") else 0.0
-    summary = {
-        "catalog_tracks": the_plan.total,
-        "skipped_already_committed": the_plan.skipped,
-        "processed_now": stats["ok"] + stats["failed"],
-        "ok_now": stats["ok"],
-        "failed_now": stats["failed"],
-        "committed_ok_total": sum(r["status"] == "ok" for r in tracks),
-        "committed_failed_total": sum(r["status"] == "failed" for r in tracks),
-        "hours_of_audio_total": hours,
-        "audio_seconds_now": stats["audio_s"],
-        "wall_seconds_now": stats.get("wall_s", 0.0),
-        "realtime_factor_now": rtf,
-        "manifests": paths,
-        "presence": {stem: {"present": p, "tracks": n} for stem, (p, n) in presence.items()},
-        "failures": [{k: f[k] for k in ("track_id", "source_uri", "stage", "error_type", "message")} for f in failures],
-    }
-    lines = [
-        "# demix separate-catalog",
-        "",
-        "| | |",
-        "| --- | --- |",
-        f"| tracks in catalog | {the_plan.total} |",
-        f"| skipped (already committed) | {the_plan.skipped} |",
-        f"| separated now | {stats['ok']} |",
-        f"| failed now | {stats['failed']} |",
-        f"| committed ok / failed (all runs) | {summary['committed_ok_total']} / {summary['committed_failed_total']} |",
-        f"| hours of audio (committed) | {hours:.3f} |",
-        f"| real-time factor (this run) | {rtf:.2f}x |",
-        *[f"| {stem} present (committed) | {p} of {n} |" for stem, (p, n) in presence.items()],
-        "",
-    ]
-    if failures:
-        lines += ["## Failures", "", "| track | stage | error | message |", "| --- | --- | --- | --- |"]
-        for f in failures[:200]:
-            msg = f["message"].replace("|", "\\|").replace("\n", " ")[:200]
-            lines.append(f"| {f['source_uri']} | {f['stage']} | {f['error_type']} | {msg} |")
-    create_markdown_artifact(markdown="\n".join(lines), key="separate-catalog-report", description="demix run summary")
+    summary = reports.catalog_summary(tables, paths, the_plan.total, the_plan.skipped, stats)
+    markdown = reports.catalog_markdown(summary)
+    create_markdown_artifact(markdown=markdown, key="separate-catalog-report", description="demix run summary")
     return summary
 
 

@@ -1,7 +1,7 @@
 """Network definitions and the model registry.
 
 Everything here is data plus ``nn.Module`` definitions; applying a model to long audio lives in
-:mod:`demix.pipeline.engine.separate`, away from the networks (the demucs ``apply.py`` habit).
+:mod:`demix.pipeline.engine` (overlap-add), away from the networks (the demucs ``apply.py`` habit).
 """
 
 from demix.models.base import ModelLoadError, Separator

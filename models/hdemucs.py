@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from torch import Tensor, nn
+from torchaudio.models import hdemucs_high
 
 from demix.models.base import Separator
 
@@ -28,8 +29,6 @@ class HDemucsSeparator(Separator):
 
     def __init__(self, sources: Sequence[str] = MUSDB_SOURCES, *, segment: float = 10.0) -> None:
         super().__init__()
-        from torchaudio.models import hdemucs_high
-
         self.sources = tuple(sources)
         self.sample_rate = 44100
         self.audio_channels = 2

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from demix.models.base import Separator
+from demix.pipeline.stems import STEMS
 
 _EPS = 1e-10
 
@@ -48,7 +49,7 @@ class SupervisedNMF(Separator):
 
     def __init__(
         self,
-        sources: Sequence[str] = ("vocals", "drums", "bass", "other"),
+        sources: Sequence[str] = STEMS,
         *,
         sample_rate: int = 44100,
         n_fft: int = 2048,

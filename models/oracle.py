@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from torch import Tensor
 
 from demix.models.base import Separator
+from demix.pipeline.stems import STEMS
 
 
 class MixtureCopy(Separator):
@@ -15,7 +16,7 @@ class MixtureCopy(Separator):
     ``(batch, channels, time) -> (batch, sources, channels, time)``.
     """
 
-    def __init__(self, sources: Sequence[str] = ("vocals", "drums", "bass", "other"), *, segment: float = 10.0) -> None:
+    def __init__(self, sources: Sequence[str] = STEMS, *, segment: float = 10.0) -> None:
         super().__init__()
         self.sources = tuple(sources)
         self.sample_rate = 44100

@@ -14,8 +14,14 @@ from pathlib import Path
 
 import torch
 
-from demix.models.base import ModelLoadError, Separator
 from demix.models import weights as _weights
+from demix.models.base import ModelLoadError, Separator
+from demix.models.hdemucs import MUSDB_SOURCES, HDemucsSeparator
+from demix.models.nmf import SupervisedNMF
+from demix.models.oracle import MixtureCopy
+from demix.models.presence import PresenceNet
+from demix.models.unet import PHASES, SpectrogramUNet
+from demix.pipeline.stems import STEMS
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
@@ -142,10 +148,8 @@ def _unet(
     depth: int = 6,
     channels: int = 8,
 ) -> Separator:
-    from demix.models.unet import SpectrogramUNet
-
     return SpectrogramUNet(
-        ("vocals", "drums", "bass", "other"),
+        STEMS,
         phase=phase,
         griffin_lim_iters=griffin_lim_iters,
         mask=mask,
@@ -155,8 +159,6 @@ def _unet(
 
 
 def _hdemucs(*, segment: float = 10.0) -> Separator:
-    from demix.models.hdemucs import HDemucsSeparator
-
     return HDemucsSeparator(segment=segment)
 
 
@@ -165,7 +167,7 @@ HDEMUCS_MUSDB = register(
         name="hdemucs-musdb",
         factory=_hdemucs,
         sample_rate=44100,
-        sources=("drums", "bass", "other", "vocals"),
+        sources=MUSDB_SOURCES,
         weights_uri="https://download.pytorch.org/torchaudio/models/hdemucs_high_trained.pt",
         sha256="a004b2790d73ffeaa535db458a1a79b539dfdbafbccc31f275d07e632ebd7816",
         description="Hybrid Demucs (torchaudio hdemucs_high) with the published HDEMUCS_HIGH_MUSDB_PLUS weights",
@@ -177,7 +179,7 @@ UNET = register(
         name="unet",
         factory=_unet,
         sample_rate=44100,
-        sources=("vocals", "drums", "bass", "other"),
+        sources=STEMS,
         weights_uri=str(WEIGHTS_DIR / "unet-59fb490d.safetensors"),
         sha256="59fb490db8cb23d3dc00cabfd325e65e977ef57f681c2904ff67ffa9c97ef388",
         description=(
@@ -187,9 +189,8 @@ UNET = register(
     )
 )
 
-def _mixture(*, segment: float = 10.0) -> Separator:
-    from demix.models.oracle import MixtureCopy
 
+def _mixture(*, segment: float = 10.0) -> Separator:
     return MixtureCopy(segment=segment)
 
 
@@ -198,15 +199,14 @@ MIXTURE = register(
         name="mixture",
         factory=_mixture,
         sample_rate=44100,
-        sources=("vocals", "drums", "bass", "other"),
+        sources=STEMS,
         description="baseline: every stem is the mixture (the evaluation floor; zero-cost model for pipeline benchmarks)",
     )
 )
 
-def _nmf(*, components: int = 32, iters: int = 60) -> Separator:
-    from demix.models.nmf import SupervisedNMF
 
-    return SupervisedNMF(("vocals", "drums", "bass", "other"), components=components, iters=iters)
+def _nmf(*, components: int = 32, iters: int = 60) -> Separator:
+    return SupervisedNMF(STEMS, components=components, iters=iters)
 
 
 NMF = register(
@@ -214,17 +214,16 @@ NMF = register(
         name="nmf",
         factory=_nmf,
         sample_rate=44100,
-        sources=("vocals", "drums", "bass", "other"),
+        sources=STEMS,
         weights_uri=str(WEIGHTS_DIR / "nmf-7aa9fbf7.safetensors"),
         sha256="7aa9fbf757d7b13b931fa93ee6a99fd7a86f9b7728c2bba411ac58b53417960b",
         description="supervised NMF baseline: per-source KL-NMF dictionaries (fitted on demix synth data), activations solved at inference, soft masks",
     )
 )
 
-def _presence(*, hidden: int = 64, layers: int = 4):
-    from demix.models.presence import PresenceNet
 
-    return PresenceNet(("vocals", "drums", "bass", "other"), hidden=hidden, layers=layers)
+def _presence(*, hidden: int = 64, layers: int = 4):
+    return PresenceNet(STEMS, hidden=hidden, layers=layers)
 
 
 PRESENCE = register(
@@ -232,7 +231,7 @@ PRESENCE = register(
         name="presence",
         factory=_presence,
         sample_rate=44100,
-        sources=("vocals", "drums", "bass", "other"),
+        sources=STEMS,
         weights_uri=str(WEIGHTS_DIR / "presence-b6e8d0a0.safetensors"),
         sha256="b6e8d0a009840fd4b2d3d424aec2dccd93ac0d60fce9d09fb8a9fe40f97fc2dd",
         description=(
@@ -244,3 +243,17 @@ PRESENCE = register(
 )
 
 DEFAULT_MODEL = "unet"
+
+
+def add_model_flags(parser) -> None:
+    """The options that choose and load a separator (demucs' ``add_model_flags`` habit): ``--model``,
+    ``--weights``, ``--weights-sha256`` and the U-Net's ``--phase``. ``parser`` is a parser or an argument group."""
+    parser.add_argument("-m", "--model", default=DEFAULT_MODEL, help=f"registered model (default: {DEFAULT_MODEL}; `demix models` lists them)")
+    parser.add_argument("--weights", metavar="PATH_OR_URI", help="weights file overriding the registry's (air-gapped clusters)")
+    parser.add_argument("--weights-sha256", metavar="HEX", help="expected sha256 of --weights")
+    parser.add_argument("--phase", choices=PHASES, help="U-Net only: mixture phase or Griffin-Lim reconstruction")
+
+
+def model_options(args) -> dict:
+    """The model options :func:`add_model_flags` parsed, for :func:`load_model` (only those given)."""
+    return {"phase": args.phase} if getattr(args, "phase", None) else {}

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from demix.models.base import Separator
+from demix.pipeline.stems import STEMS
 
 MASKS = ("sigmoid", "softmax")
 PHASES = ("mixture", "griffinlim")
@@ -39,6 +40,83 @@ _DECODER_DROPOUT_BLOCKS = 3
 
 def _is_power_of_two(n: int) -> bool:
     return n > 0 and (n & (n - 1)) == 0
+
+
+def _check_options(
+    sources: Sequence[str], *, sample_rate: int, audio_channels: int, n_fft: int, hop_length: int, depth: int,
+    channels: int, dropout: float, mask: str, phase: str, griffin_lim_iters: int, segment: float,
+) -> None:
+    """``ValueError`` naming the first of :class:`SpectrogramUNet`'s arguments that is out of range."""
+    if isinstance(sources, str) or len(sources) == 0 or not all(isinstance(s, str) for s in sources):
+        raise ValueError(f"Expected sources to be a non-empty sequence of names. Found: {sources!r}")
+    if len(set(sources)) != len(sources):
+        raise ValueError(f"Expected unique source names. Found: {tuple(sources)}")
+    if sample_rate <= 0:
+        raise ValueError(f"Expected sample_rate > 0. Found: {sample_rate}")
+    if audio_channels < 1:
+        raise ValueError(f"Expected audio_channels >= 1. Found: {audio_channels}")
+    if depth < 1:
+        raise ValueError(f"Expected depth >= 1. Found: {depth}")
+    if not _is_power_of_two(n_fft) or n_fft // 2 < 2**depth:
+        raise ValueError(
+            f"Expected n_fft to be a power of two with n_fft / 2 >= 2 ** depth = {2**depth}. Found: n_fft={n_fft}"
+        )
+    if not 0 < hop_length < n_fft:
+        raise ValueError(f"Expected 0 < hop_length < n_fft = {n_fft}. Found: {hop_length}")
+    if channels < 1:
+        raise ValueError(f"Expected channels >= 1. Found: {channels}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"Expected 0 <= dropout < 1. Found: {dropout}")
+    if mask not in MASKS:
+        raise ValueError(f"Expected mask to be one of {MASKS}. Found: {mask!r}")
+    if phase not in PHASES:
+        raise ValueError(f"Expected phase to be one of {PHASES}. Found: {phase!r}")
+    if griffin_lim_iters < 1:
+        raise ValueError(f"Expected griffin_lim_iters >= 1. Found: {griffin_lim_iters}")
+    if segment <= 0:
+        raise ValueError(f"Expected segment > 0 seconds. Found: {segment}")
+
+
+def _encoder(in_channels: int, widths: list[int]) -> nn.ModuleList:
+    """Encoder blocks: 5x5 stride-2 conv, BatchNorm, LeakyReLU(0.2); block ``i`` has ``widths[i]`` maps."""
+    encoder = nn.ModuleList()
+    in_ch = in_channels
+    for width in widths:
+        encoder.append(
+            nn.Sequential(
+                nn.Conv2d(in_ch, width, kernel_size=5, stride=2, padding=2),
+                nn.BatchNorm2d(width),
+                nn.LeakyReLU(0.2),
+            )
+        )
+        in_ch = width
+    return encoder
+
+
+def _decoder(widths: list[int], out_channels: int, dropout: float) -> nn.ModuleList:
+    """Decoder blocks mirroring :func:`_encoder`'s ``widths``, then the ``out_channels`` mask-logit layer.
+
+    Decoder block j upsamples to the resolution of encoder block depth-2-j and is concatenated with its
+    output; the last block maps to one mask logit per stem and channel.
+    """
+    depth = len(widths)
+    decoder = nn.ModuleList()
+    in_ch = widths[-1]
+    for j in range(depth - 1):
+        width = widths[depth - 2 - j]
+        layers: list[nn.Module] = [
+            nn.ConvTranspose2d(in_ch, width, kernel_size=5, stride=2, padding=2, output_padding=1),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+        ]
+        if j < _DECODER_DROPOUT_BLOCKS:
+            layers.append(nn.Dropout(dropout))
+        decoder.append(nn.Sequential(*layers))
+        in_ch = 2 * width
+    decoder.append(
+        nn.ConvTranspose2d(in_ch, out_channels, kernel_size=5, stride=2, padding=2, output_padding=1)
+    )
+    return decoder
 
 
 class SpectrogramUNet(Separator):
@@ -68,7 +146,7 @@ class SpectrogramUNet(Separator):
 
     def __init__(
         self,
-        sources: Sequence[str] = ("vocals", "drums", "bass", "other"),
+        sources: Sequence[str] = STEMS,
         *,
         sample_rate: int = 44100,
         audio_channels: int = 2,
@@ -83,35 +161,11 @@ class SpectrogramUNet(Separator):
         segment: float = 6.0,
     ) -> None:
         super().__init__()
-        if isinstance(sources, str) or len(sources) == 0 or not all(isinstance(s, str) for s in sources):
-            raise ValueError(f"Expected sources to be a non-empty sequence of names. Found: {sources!r}")
-        if len(set(sources)) != len(sources):
-            raise ValueError(f"Expected unique source names. Found: {tuple(sources)}")
-        if sample_rate <= 0:
-            raise ValueError(f"Expected sample_rate > 0. Found: {sample_rate}")
-        if audio_channels < 1:
-            raise ValueError(f"Expected audio_channels >= 1. Found: {audio_channels}")
-        if depth < 1:
-            raise ValueError(f"Expected depth >= 1. Found: {depth}")
-        if not _is_power_of_two(n_fft) or n_fft // 2 < 2**depth:
-            raise ValueError(
-                f"Expected n_fft to be a power of two with n_fft / 2 >= 2 ** depth = {2**depth}. Found: n_fft={n_fft}"
-            )
-        if not 0 < hop_length < n_fft:
-            raise ValueError(f"Expected 0 < hop_length < n_fft = {n_fft}. Found: {hop_length}")
-        if channels < 1:
-            raise ValueError(f"Expected channels >= 1. Found: {channels}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"Expected 0 <= dropout < 1. Found: {dropout}")
-        if mask not in MASKS:
-            raise ValueError(f"Expected mask to be one of {MASKS}. Found: {mask!r}")
-        if phase not in PHASES:
-            raise ValueError(f"Expected phase to be one of {PHASES}. Found: {phase!r}")
-        if griffin_lim_iters < 1:
-            raise ValueError(f"Expected griffin_lim_iters >= 1. Found: {griffin_lim_iters}")
-        if segment <= 0:
-            raise ValueError(f"Expected segment > 0 seconds. Found: {segment}")
-
+        _check_options(
+            sources, sample_rate=sample_rate, audio_channels=audio_channels, n_fft=n_fft, hop_length=hop_length,
+            depth=depth, channels=channels, dropout=dropout, mask=mask, phase=phase,
+            griffin_lim_iters=griffin_lim_iters, segment=segment,
+        )
         self.sources = tuple(sources)
         self.sample_rate = int(sample_rate)
         self.audio_channels = int(audio_channels)
@@ -131,42 +185,8 @@ class SpectrogramUNet(Separator):
         self.register_buffer("window", torch.hann_window(self.n_fft), persistent=False)
 
         widths = [self.channels * 2**i for i in range(self.depth)]
-        self.encoder = nn.ModuleList()
-        in_ch = self.audio_channels
-        for width in widths:
-            self.encoder.append(
-                nn.Sequential(
-                    nn.Conv2d(in_ch, width, kernel_size=5, stride=2, padding=2),
-                    nn.BatchNorm2d(width),
-                    nn.LeakyReLU(0.2),
-                )
-            )
-            in_ch = width
-
-        # Decoder block j upsamples to the resolution of encoder block depth-2-j and is concatenated
-        # with its output; the last block maps to one mask logit per stem and channel.
-        self.decoder = nn.ModuleList()
-        for j in range(self.depth - 1):
-            width = widths[self.depth - 2 - j]
-            layers: list[nn.Module] = [
-                nn.ConvTranspose2d(in_ch, width, kernel_size=5, stride=2, padding=2, output_padding=1),
-                nn.BatchNorm2d(width),
-                nn.ReLU(),
-            ]
-            if j < _DECODER_DROPOUT_BLOCKS:
-                layers.append(nn.Dropout(dropout))
-            self.decoder.append(nn.Sequential(*layers))
-            in_ch = 2 * width
-        self.decoder.append(
-            nn.ConvTranspose2d(
-                in_ch,
-                len(self.sources) * self.audio_channels,
-                kernel_size=5,
-                stride=2,
-                padding=2,
-                output_padding=1,
-            )
-        )
+        self.encoder = _encoder(self.audio_channels, widths)
+        self.decoder = _decoder(widths, len(self.sources) * self.audio_channels, dropout)
 
     def weights_module(self) -> nn.Module:
         """The module whose state dict is the published weights (the whole model)."""

@@ -13,16 +13,18 @@ import hashlib
 import os
 import re
 import shutil
-import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 
+import fsspec
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from demix.models.base import ModelLoadError
+from demix.pipeline.io import put_file, staged_path
 
 _CHUNK = 1 << 20
 _SHA8_IN_NAME = re.compile(r"-([0-9a-f]{8})\.(?:th|pt|pth|safetensors)$")
@@ -52,22 +54,15 @@ def _is_local(uri: str) -> bool:
 
 def _download(uri: str, dest: Path) -> None:
     """Copy ``uri`` to ``dest`` atomically (temp file in the same folder, then rename)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".part", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as out:
+    with staged_path(dest, prefix=dest.name + ".", suffix=".part") as tmp:
+        with open(tmp, "wb") as out:
             if _is_http(uri):
                 with urllib.request.urlopen(uri, timeout=60) as resp:  # noqa: S310 - documented fetch
                     shutil.copyfileobj(resp, out, _CHUNK)
             else:
-                import fsspec
-
                 with fsspec.open(uri, "rb") as src:
                     shutil.copyfileobj(src, out, _CHUNK)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        put_file(tmp, str(dest))
 
 
 def fetch(uri: str, *, sha256: str | None = None, cache: Path | None = None) -> Path:
@@ -122,8 +117,6 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Read a state dict from safetensors or a ``torch.save`` file (``weights_only=True``)."""
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
             return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - every deserialiser error becomes one typed error
@@ -158,21 +151,13 @@ def save(state: Mapping[str, torch.Tensor], folder: str | os.PathLike, name: str
     loader that checks the name (:func:`verify`). Tensors are moved to the CPU and made contiguous;
     ``half`` stores floating-point tensors as float16. The folder is created.
     """
-    from safetensors.torch import save_file
-
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     if half:
         tensors = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".safetensors.part", dir=folder)
-    os.close(fd)
-    try:
+    with staged_path(folder / name, prefix=f".{name}.", suffix=".safetensors.part") as tmp:
         save_file(tensors, tmp)
         digest = sha256_file(tmp)
         path = folder / f"{name}-{digest[:8]}.safetensors"
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        put_file(tmp, str(path))
     return path, digest

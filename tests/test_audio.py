@@ -1,4 +1,4 @@
-"""demix.pipeline.io.audio: decoding, the channel and rate policy, streaming resample, encoding and clipping.
+"""demix.pipeline.io (decode, conform, encode): decoding, the channel and rate policy, streaming resample, encoding and clipping.
 
 All audio is generated in tmp_path (soundfile, numpy, and ffmpeg's lavfi source for AAC); no network.
 """
@@ -19,18 +19,10 @@ import soundfile as sf
 import torch
 import torchaudio
 
-from demix.pipeline.io.audio import (
-    AudioError,
-    AudioInfo,
-    AudioStream,
-    AudioWriter,
-    Encoding,
-    conform,
-    load_audio,
-    open_audio,
-    save_audio,
-    stream_conformed,
-)
+from demix.pipeline.io.conform import conform, load_audio, stream_conformed
+from demix.pipeline.io.decode import AudioError, AudioInfo, AudioStream, open_audio
+from demix.pipeline.io.encode import AudioWriter, Encoding, save_audio
+from demix.pipeline.io.storage import StorageError
 
 SR = 44100
 needs_ffmpeg = pytest.mark.skipif(
@@ -475,3 +467,26 @@ def test_audio_error_pickles_and_names_source():
     assert str(again) == str(err) == "cannot decode 's3://b/x.ogg': soundfile: a; ffmpeg: b"
     assert again.errors == err.errors and again.stage == "decode" and again.source == "s3://b/x.ogg"
     assert "x.wav" in str(AudioError("x.wav", "broken", stage="read"))
+
+
+@pytest.mark.parametrize(
+    "err",
+    [
+        AudioError("s3://b/x.ogg", "cannot decode 's3://b/x.ogg'", stage="read", errors={"soundfile": "a"}),
+        AudioError("x.wav", "broken", stage="encode"),
+        StorageError("s3://b/out/x.wav", "ClientError: AccessDenied", stage="read"),
+        StorageError("/tmp/out.json", "PermissionError: denied"),
+    ],
+)
+def test_staged_errors_pickle_round_trip(err):
+    again = pickle.loads(pickle.dumps(err))
+    assert type(again) is type(err)
+    assert str(again) == str(err) and again.args == err.args
+    assert vars(again) == vars(err)
+    assert again.stage == err.stage and again.source == err.source
+    if isinstance(err, StorageError):
+        assert isinstance(again, OSError)
+        assert (again.uri, again.detail) == (err.uri, err.detail)
+        assert str(again) == f"{err.stage} {err.uri}: {err.detail}"
+    else:
+        assert (again.message, again.errors) == (err.message, err.errors)

@@ -70,8 +70,8 @@ def test_softmax_unet_stems_sum_to_mixture(inputs, tmp_path):
     src = inputs / "Café (live) 'take 2' \"final\".wav"
     out = tmp_path / "o"
     from demix.models.registry import load_model
-    from demix.pipeline.io.audio import Encoding
-    from demix.pipeline.engine.separate import SeparationSettings, plan_stems, separate_track
+    from demix.pipeline.io import Encoding
+    from demix.pipeline.engine import SeparationSettings, plan_stems, separate_track
 
     model = load_model("unet", mask="softmax")
     plan = plan_stems(model.sources)

@@ -10,14 +10,8 @@ import pytest
 import soundfile as sf
 import torch
 
-from demix.pipeline.data.datasets import (
-    STEMS,
-    AugmentConfig,
-    MusdbDataset,
-    TrainingSampler,
-    fixed_excerpts,
-    is_silent,
-)
+from demix.pipeline.data import AugmentConfig, MusdbDataset, TrainingSampler, fixed_excerpts
+from demix.pipeline.stems import QUIET_DBFS, STEMS, is_silent
 from demix.pipeline.data.synth import toy_song
 
 RATE = 8000
@@ -236,7 +230,7 @@ def test_resampling_and_short_tracks(tmp_path):
     assert mix.shape == (2, RATE) and stems.shape == (4, 2, RATE)
     assert torch.equal(mix, stems.sum(0))
     assert float(stems[..., int(0.31 * 2 * RATE):].abs().max()) == 0.0  # zero padding past the track's end
-    assert not is_silent(stems[..., : int(0.3 * 2 * RATE)])
+    assert not is_silent(stems[..., : int(0.3 * 2 * RATE)], QUIET_DBFS)
 
 
 def test_dataloader_workers_split_the_stream(flat):

@@ -10,19 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from demix.pipeline.learn.evaluate import (
-    TrackScores,
-    aggregate,
-    bss_eval_v4,
-    evaluate_dataset,
-    model_estimator,
-    oracle_estimates,
-    score_track,
-    si_sdr,
-    svg_boxplot,
-    write_report,
-)
-from demix.pipeline.data.synth import STEMS, toy_song
+from demix.pipeline.data import toy_song
+from demix.pipeline.learn.bss_eval import bss_eval_v4, si_sdr
+from demix.pipeline.learn.evaluate import evaluate_dataset, model_estimator, score_track
+from demix.pipeline.learn.oracles import oracle_estimates
+from demix.pipeline.learn.report import svg_boxplot, write_report
+from demix.pipeline.learn.scores import TrackScores, aggregate
+from demix.pipeline.stems import STEMS
 
 SR = 44100
 MUSEVAL_V4 = dict(

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from demix.pipeline.engine import presence as P
+from demix.pipeline import engine as P
 from demix.pipeline.learn import presence as LP
 
 RATE = 16000

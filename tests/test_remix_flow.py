@@ -112,7 +112,7 @@ def _read(path) -> np.ndarray:
 
 
 def test_remix_lineage_exact_mixture_and_musdb_layout(separated, tmp_path):
-    from demix.pipeline.data.datasets import MusdbDataset
+    from demix.pipeline.data import MusdbDataset
 
     run, _ = separated
     out = tmp_path / "remix"

@@ -9,7 +9,7 @@ import torch
 
 from demix.models.base import Separator
 from demix.models.registry import load_model
-from demix.pipeline.engine.separate import (
+from demix.pipeline.engine import (
     SeparationSettings,
     plan_stems,
     separate,
@@ -198,8 +198,8 @@ def _wav(tmp_path, seconds=6.0, rate=1000, name="x.wav"):
 
 
 def test_separate_track_failure_is_staged_and_leaves_nothing(tmp_path):
-    from demix.pipeline.io.audio import Encoding
-    from demix.pipeline.engine.separate import TrackError, separate_track
+    from demix.pipeline.io import Encoding
+    from demix.pipeline.engine import TrackError, separate_track
 
     src = _wav(tmp_path)
     model = _Exploding()
@@ -216,8 +216,8 @@ def test_separate_track_failure_is_staged_and_leaves_nothing(tmp_path):
 def test_separate_track_streams_blocks_and_matches_in_memory(tmp_path):
     import soundfile as sf
 
-    from demix.pipeline.io.audio import Encoding
-    from demix.pipeline.engine.separate import separate_track
+    from demix.pipeline.io import Encoding
+    from demix.pipeline.engine import separate_track
 
     src = _wav(tmp_path, seconds=7.3)
     model = ScaleModel()
@@ -239,7 +239,7 @@ def test_separate_track_streams_blocks_and_matches_in_memory(tmp_path):
 def test_track_error_pickles():
     import pickle
 
-    from demix.pipeline.engine.separate import TrackError
+    from demix.pipeline.engine import TrackError
 
     err = pickle.loads(pickle.dumps(TrackError("a.wav", "decode", ValueError("bad"))))
     assert err.stage == "decode" and err.source == "a.wav" and err.error_type == "ValueError"

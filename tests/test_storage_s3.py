@@ -84,8 +84,8 @@ def test_encoder_failure_mid_track_leaves_no_stem_on_s3(s3, tmp_path, monkeypatc
 
     import demix_test_models  # noqa: F401 - registers test-gain
     from demix.models.registry import load_model
-    from demix.pipeline.io.audio import Encoding
-    from demix.pipeline.engine.separate import SeparationSettings, TrackError, plan_stems, separate_track
+    from demix.pipeline.io import Encoding
+    from demix.pipeline.engine import SeparationSettings, TrackError, plan_stems, separate_track
     from demix.pipeline.data.synth import toy_song
 
     src = tmp_path / "song.wav"

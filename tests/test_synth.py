@@ -16,7 +16,9 @@ import pytest
 import soundfile as sf
 
 from demix.pipeline.data import synth
-from demix.pipeline.data.synth import STEMS, SynthConfig, SynthError, plan_song, render_song, synth_dataset, toy_song
+from demix.pipeline.data.synth import SynthConfig, SynthError, compose, midi, plan_song, render_song, synth_dataset, toy_song
+from demix.pipeline.data.synth import config as synth_config
+from demix.pipeline.stems import STEMS
 from demix.pipeline.io import write_float_wav
 
 FILES = ("mixture", *STEMS)
@@ -84,7 +86,7 @@ def test_every_present_stem_has_notes_in_the_clip(seconds):
     config = SynthConfig(seconds=seconds, seed=9)
     for index in range(60):
         plan = plan_song(index, config)
-        parts, lead, _ = synth._compose(plan, config, "espeak")
+        parts, lead, _ = compose.compose_song(plan, config, "espeak")
         for stem in STEMS:
             notes = [n for part in parts[stem] for n in part.notes]
             if stem == "vocals":
@@ -94,8 +96,8 @@ def test_every_present_stem_has_notes_in_the_clip(seconds):
 
 
 def test_midi_file_header_and_tempo():
-    part = synth._Part(0, 33, 64, 20, 0, [synth.Note(0.0, 0.5, 40, 100), synth.Note(0.25, 0.5, 40, 90)])
-    data = synth._midi_file([[part]], slot_s=3)
+    part = midi.Part(0, 33, 64, 20, 0, [synth.Note(0.0, 0.5, 40, 100), synth.Note(0.25, 0.5, 40, 90)])
+    data = midi.midi_file([[part]], slot_s=3)
     assert data[:4] == b"MThd" and data[14:18] == b"MTrk"
     assert b"\xff\x51\x03\x0f\x42\x40" in data  # 1 000 000 us per quarter: one tick per millisecond
     assert data.endswith(b"\xff\x2f\x00")
@@ -115,14 +117,14 @@ def test_missing_soundfont_names_the_package(tmp_path, monkeypatch):
     with pytest.raises(SynthError, match="is not a file"):
         synth.find_soundfont(tmp_path / "nope.sf2")
     monkeypatch.delenv(synth.SOUNDFONT_ENV, raising=False)
-    monkeypatch.setattr(synth, "SOUNDFONT_PATHS", (str(tmp_path / "missing.sf2"),))
+    monkeypatch.setattr(synth_config, "SOUNDFONT_PATHS", (str(tmp_path / "missing.sf2"),))
     with pytest.raises(SynthError, match="fluid-soundfont-gm"):
         synth.find_soundfont()
 
 
 def test_vocal_engine_falls_back_to_general_midi_without_espeak(monkeypatch):
     real_which = shutil.which
-    monkeypatch.setattr(synth.shutil, "which", lambda name: None if name == "espeak-ng" else real_which(name))
+    monkeypatch.setattr(synth_config.shutil, "which", lambda name: None if name == "espeak-ng" else real_which(name))
     assert synth.vocal_engine(SynthConfig()) == "gm"
     with pytest.raises(SynthError, match="apt-get install espeak-ng"):
         synth.vocal_engine(SynthConfig(vocals="espeak"))

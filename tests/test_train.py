@@ -12,8 +12,9 @@ from safetensors.torch import load_file
 
 from demix.models import ModelLoadError, load_model
 from demix.models.weights import sha256_file
-from demix.pipeline.data.datasets import AugmentConfig
-from demix.pipeline.learn.train import TrainConfig, export_checkpoint, read_log, train
+from demix.pipeline.data import AugmentConfig
+from demix.pipeline.learn.checkpoints import export_checkpoint
+from demix.pipeline.learn.train import TrainConfig, read_log, train
 from test_datasets import make_musdb
 
 TINY = dict(depth=3, channels=4)

@@ -19,7 +19,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import PurePosixPath
 
-from demix.pipeline.io.storage import StorageError, expand_inputs, filesystem, is_remote, local_path
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from demix.pipeline.io import StorageError, expand_inputs, filesystem, is_remote, local_path
 
 _ID_OK = re.compile(r"[^A-Za-z0-9._-]+")
 _TABLE_SUFFIXES = (".csv", ".parquet", ".pq")
@@ -61,10 +65,6 @@ def safe_track_id(user_id: str) -> str:
 
 
 def _read_table(uri: str) -> list[dict]:
-    import pyarrow as pa
-    import pyarrow.csv as pacsv
-    import pyarrow.parquet as pq
-
     fs, path = filesystem(uri)
     try:
         with fs.open(path, "rb") as f:

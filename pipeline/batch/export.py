@@ -22,9 +22,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import pyarrow as pa
+import soundfile as sf
 
 from demix.pipeline.batch.manifest import SEGMENT, parquet_bytes, read_manifests
-from demix.pipeline.io.storage import atomic_write, join, safe_component
+from demix.pipeline.io import AtomicOutput, atomic_write, audio_info, join, local_copy, read_slice, safe_component
 
 LYRICS_SCHEMA = pa.schema(
     [
@@ -132,33 +133,36 @@ def export_transcription(run: str, out: str, *, stems: Sequence[str] = TRANSCRIP
 def export_lyrics(run: str, out: str, *, rule: ClipRule = ClipRule(), stem: str = "vocals",
                   progress: Callable[[int, int], None] | None = None) -> tuple[str, int]:
     """Cut every present ``stem`` into clips and write ``OUT/lyrics.parquet``; returns its URI and clip count."""
-    import soundfile as sf
-
-    from demix.pipeline.io.storage import AtomicOutput, local_copy
-
     rows_in, sources = _committed(run)
     chosen = [r for r in rows_in if r["stem"] == stem and r["present"]]
     rows = []
     for i, r in enumerate(chosen):
         spans = clip_spans([(s["start_s"], s["end_s"]) for s in r["active_segments"] or []], r["duration_s"], rule)
         if spans:
-            with local_copy(r["uri"]) as path, AtomicOutput() as staged:
-                info = sf.info(path)
-                for a, b in spans:
-                    start, stop = int(round(a * info.samplerate)), int(round(b * info.samplerate))
-                    audio, rate = sf.read(path, start=start, stop=stop, dtype="float32", always_2d=True)
-                    name = f"{safe_component(stem)}-{int(round(a * 1000)):08d}-{int(round(b * 1000)):08d}.flac"
-                    clip = join(out, "clips", r["track_id"], name)
-                    sf.write(staged.path_for(clip), audio, rate, subtype="PCM_16", format="FLAC")
-                    rows.append({
-                        "clip_uri": clip, "track_id": r["track_id"], "source_uri": sources[r["track_id"]], "stem": stem,
-                        "stem_uri": r["uri"], "start_s": start / rate, "end_s": (start + len(audio)) / rate,
-                        "duration_s": len(audio) / rate, "sample_rate": rate, "channels": audio.shape[1],
-                    })
-                staged.commit()
+            rows += _write_clips(r, sources[r["track_id"]], spans, out, stem)
         if progress is not None:
             progress(i + 1, len(chosen))
     uri = join(out, "lyrics.parquet")
     atomic_write(uri, parquet_bytes(pa.Table.from_pylist(rows, schema=LYRICS_SCHEMA)))
     return uri, len(rows)
 
+
+def _write_clips(r: dict, source_uri: str, spans: Sequence[tuple[float, float]], out: str, stem: str) -> list[dict]:
+    """Write the ``spans`` of the stem of stems row ``r`` as FLAC clips (committed together); their rows."""
+    rows = []
+    with local_copy(r["uri"]) as path, AtomicOutput() as staged:
+        samplerate = audio_info(path).sample_rate
+        for a, b in spans:
+            start, stop = int(round(a * samplerate)), int(round(b * samplerate))
+            audio, rate = read_slice(path, start / samplerate, (stop - start) / samplerate)  # (channels, frames)
+            name = f"{safe_component(stem)}-{int(round(a * 1000)):08d}-{int(round(b * 1000)):08d}.flac"
+            clip = join(out, "clips", r["track_id"], name)
+            sf.write(staged.path_for(clip), audio.T, rate, subtype="PCM_16", format="FLAC")
+            frames = audio.shape[1]
+            rows.append({
+                "clip_uri": clip, "track_id": r["track_id"], "source_uri": source_uri, "stem": stem,
+                "stem_uri": r["uri"], "start_s": start / rate, "end_s": (start + frames) / rate,
+                "duration_s": frames / rate, "sample_rate": rate, "channels": audio.shape[0],
+            })
+        staged.commit()
+    return rows

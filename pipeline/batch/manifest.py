@@ -29,7 +29,7 @@ from datetime import datetime, timezone
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from demix.pipeline.io.storage import StorageError, atomic_write, create_once, filesystem, join
+from demix.pipeline.io import StorageError, atomic_write, create_once, filesystem, join
 
 SEGMENT = pa.struct([("start_s", pa.float64()), ("end_s", pa.float64())])
 

@@ -15,11 +15,11 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from demix.models.base import Separator
-from demix.pipeline.io.audio import Encoding
+from demix.models.registry import load_model
 from demix.pipeline.batch.catalog import Track
 from demix.pipeline.batch.manifest import FailureRow, StemRow, TrackRow
-from demix.pipeline.engine.separate import SeparationSettings, TrackError, plan_stems, separate_track
-from demix.pipeline.io.storage import filesystem, join
+from demix.pipeline.engine import Detector, SeparationSettings, TrackError, plan_stems, separate_track
+from demix.pipeline.io import Encoding, filesystem, join
 
 
 @dataclass(frozen=True)
@@ -45,15 +45,11 @@ class RunSpec:
     registry_module: str | None = None
     presence: str = "combined"
 
-    def load_presence(self, separator: Separator):
-        """The :class:`demix.pipeline.engine.presence.Detector` of this run (``presence`` is one of its kinds)."""
-        from demix.pipeline.engine.presence import Detector
-
+    def load_presence(self, separator: Separator) -> Detector:
+        """The :class:`demix.pipeline.engine.Detector` of this run (``presence`` is one of its kinds)."""
         return Detector(self.presence, sources=separator.sources)
 
     def load(self, device: str | None = None) -> Separator:
-        from demix.models.registry import load_model
-
         if self.registry_module:
             importlib.import_module(self.registry_module)
         return load_model(

@@ -14,7 +14,7 @@ recorded as failed.
 Why Ray Data rather than a hand-made actor pool: it streams (bounded objects in flight), restarts
 actors and retries their batches, sizes one pool for CPUs or GPUs, and scales to a cluster with
 ``--ray-address`` unchanged. Decoding and encoding overlap with model compute inside each actor
-(:func:`demix.pipeline.engine.separate.separate_track` runs them in threads around the model).
+(:func:`demix.pipeline.engine.separate_track` runs them in threads around the model).
 """
 
 from __future__ import annotations
@@ -23,11 +23,19 @@ import json
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+
+import torch
 
 from demix.pipeline.batch.catalog import Shard, Track
 from demix.pipeline.batch.manifest import FailureRow, ShardResult, StemRow, TrackRow
+from demix.pipeline.batch.remix.build import build_example
+from demix.pipeline.batch.remix.plan import Recipe
 from demix.pipeline.batch.run import RunSpec, process_track
+from demix.pipeline.engine import TrackError
+
+# ray is imported inside the functions that use it, and only in this module (no other module of demix
+# may import ray): importing demix.pipeline.batch, the flows or the CLI never starts or loads Ray.
 
 
 @dataclass(frozen=True)
@@ -145,10 +153,6 @@ class SeparatorActor(_CountedActor):
         self, spec: RunSpec, settings_hash: str, device: str, threads: int, attempts=None,
         max_attempts: int = MAX_ATTEMPTS_PER_TRACK,
     ) -> None:
-        import torch
-
-        from dataclasses import replace
-
         super().__init__(attempts, max_attempts)
         torch.set_num_threads(max(1, threads))
         spec = replace(spec, settings=replace(spec.settings, device=device))  # chunks go where the model is
@@ -282,9 +286,6 @@ class RemixActor(_CountedActor):
     times is given up."""
 
     def __call__(self, batch: dict) -> dict:
-        from demix.pipeline.batch.remix import Recipe, build_example
-        from demix.pipeline.engine.separate import TrackError
-
         out: dict[str, list] = {"shard_id": [], "track_id": [], "result": []}
         for shard_id, example_id, text in zip(batch["shard_id"], batch["track_id"], batch["recipe"]):
             recipe = Recipe.from_json(str(text))

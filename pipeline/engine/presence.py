@@ -1,13 +1,7 @@
 """Stem presence: is a stem in a track at all, and where (active segments, in seconds).
 
-Everything works on *frame features* that a separation computes on the fly, so presence costs one
-cheap pass over audio that is already in memory (long tracks stream; a frame is 50 ms, so an hour of
-audio is 72,000 frames):
-
-- :class:`FrameFeatures` takes blocks of named signals (each source estimate, any summed stem such as
-  ``no_vocals``, and the mixture, which is the sum of the sources) and keeps, for every 50 ms frame
-  and signal, the power in a few frequency bands (``BAND_EDGES_HZ``). Their sum over bands is the
-  frame's mean square.
+Everything works on the *frame features* of :mod:`demix.pipeline.engine.features`, which a separation
+computes on the fly, so presence costs one cheap pass over audio that is already in memory.
 
 Two detectors turn features into a :class:`Presence` (decision, score, segments) per stem:
 
@@ -15,8 +9,8 @@ Two detectors turn features into a :class:`Presence` (decision, score, segments)
   floor), smoothed, with hysteresis (switch on above ``on_db``, off below ``off_db``) and minimum
   durations (segments shorter than ``min_active_s`` dropped, gaps shorter than ``min_gap_s`` closed).
 - :func:`detect_classifier`: a learned frame classifier (:class:`demix.models.presence.PresenceNet`, a
-  registered model with shipped weights, trained by :func:`train_classifier` on separated synthetic
-  songs whose true stems give the labels). Its per-frame probabilities go through the same hysteresis
+  registered model with shipped weights, trained by :func:`demix.pipeline.learn.presence.train_classifier`
+  on separated synthetic songs whose true stems give the labels). Its per-frame probabilities go through the same hysteresis
   and minimum durations.
 
 The decision rule is shared: a stem is present when its segments total at least ``min_present_s``.
@@ -28,29 +22,21 @@ docs/ARCHITECTURE.md).
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
 
-FRAME_S = 0.05
-"""Frame hop and length in seconds (non-overlapping frames)."""
+from demix.models.registry import load_model
+from demix.pipeline.engine.features import Features, PresenceError
+from demix.pipeline.stems import MIXTURE
 
-BAND_EDGES_HZ = (0.0, 200.0, 500.0, 1200.0, 3000.0, 7000.0, math.inf)
-"""Frequency bands of the frame features (the last band runs to Nyquist)."""
-
-MIXTURE = "mixture"
 DETECTORS = ("combined", "classifier", "energy", "none")
 DEFAULT_DETECTOR = "combined"
 DEFAULT_CLASSIFIER = "presence"
 _TINY = 1e-12
-
-
-class PresenceError(ValueError):
-    """Presence cannot be computed from what was given (unknown stems, mismatched features)."""
 
 
 @dataclass(frozen=True)
@@ -74,109 +60,6 @@ class Presence:
     def segment_dicts(self) -> list[dict]:
         """Segments as the manifests store them: ``[{"start_s", "end_s"}, ...]``."""
         return [{"start_s": s.start_s, "end_s": s.end_s} for s in self.segments]
-
-
-@dataclass(frozen=True)
-class Features:
-    """Band powers per frame: ``bands[frame, signal, band]`` (mean-square units), ``names[signal]``.
-
-    ``duration_s`` is the exact length of the audio (the last frame may be partial).
-    """
-
-    names: tuple[str, ...]
-    bands: np.ndarray
-    frame_s: float
-    duration_s: float
-
-    def power(self, name: str) -> np.ndarray:
-        """Mean square of ``name`` per frame."""
-        return self.bands[:, self._index(name)].sum(-1)
-
-    def _index(self, name: str) -> int:
-        try:
-            return self.names.index(name)
-        except ValueError:
-            raise PresenceError(f"no features for {name!r}; have {', '.join(self.names)}") from None
-
-
-class FrameFeatures:
-    """Streaming accumulator of :class:`Features`.
-
-    Args:
-        names: signal names in the order :meth:`push` receives them.
-        sample_rate: rate of the pushed audio.
-        frame_s: frame length in seconds.
-
-    :meth:`push` takes ``(signals, channels, time)`` blocks of any length; :meth:`finish` pads the
-    last partial frame (its power is averaged over the samples it really has) and returns the
-    features. Memory is ``frames x signals x bands`` floats plus less than one frame of audio.
-    """
-
-    def __init__(self, names: Sequence[str], sample_rate: int, frame_s: float = FRAME_S) -> None:
-        if not names:
-            raise PresenceError("FrameFeatures needs at least one signal name")
-        self.names = tuple(names)
-        self.sample_rate = int(sample_rate)
-        self.frame_s = float(frame_s)
-        self.frame = max(1, round(self.frame_s * self.sample_rate))
-        freqs = np.fft.rfftfreq(self.frame, 1.0 / self.sample_rate)
-        weight = np.full(freqs.shape, 2.0)  # one-sided spectrum: every bin but DC (and Nyquist) counts twice
-        weight[0] = 1.0
-        if self.frame % 2 == 0:
-            weight[-1] = 1.0
-        edges = BAND_EDGES_HZ
-        # (bins, bands) matrix: power spectrum @ it = band powers, scaled so bands sum to the mean square
-        self._bands = torch.from_numpy(
-            np.stack([weight * ((freqs >= lo) & (freqs < hi)) for lo, hi in zip(edges[:-1], edges[1:])], -1)
-            / float(self.frame) ** 2
-        ).float()
-        self._rest: Tensor | None = None
-        self._out: list[np.ndarray] = []
-        self._samples = 0
-
-    def push(self, block: Tensor) -> None:
-        """Add ``(signals, channels, time)`` audio."""
-        if block.dim() != 3 or block.shape[0] != len(self.names):
-            raise PresenceError(f"Expected ({len(self.names)}, channels, time) blocks. Found: {tuple(block.shape)}")
-        block = block.detach().float().cpu()
-        self._samples += block.shape[-1]
-        if self._rest is not None:
-            block = torch.cat([self._rest, block], -1)
-        full = block.shape[-1] // self.frame
-        if full:
-            self._out.append(self._frames(block[..., : full * self.frame]))
-        self._rest = block[..., full * self.frame :]
-
-    def _frames(self, x: Tensor, valid: int | None = None) -> np.ndarray:
-        k, c, n = x.shape
-        spec = torch.fft.rfft(x.reshape(k, c, n // self.frame, self.frame), dim=-1)
-        power = (spec.real.square() + spec.imag.square()).mean(1)  # (signals, frames, bins), channel mean
-        bands = power @ self._bands  # (signals, frames, bands)
-        if valid is not None:
-            bands = bands * (self.frame / max(1, valid))
-        return bands.permute(1, 0, 2).numpy().astype(np.float32)
-
-    def finish(self) -> Features:
-        if self._rest is not None and self._rest.shape[-1] > 0:
-            valid = self._rest.shape[-1]
-            padded = torch.nn.functional.pad(self._rest, (0, self.frame - valid))
-            self._out.append(self._frames(padded, valid=valid))
-            self._rest = None
-        bands = np.concatenate(self._out) if self._out else np.zeros((0, len(self.names), len(BAND_EDGES_HZ) - 1), np.float32)
-        return Features(self.names, bands, self.frame_s, self._samples / self.sample_rate)
-
-
-def features_of(signals: Mapping[str, Tensor | np.ndarray], sample_rate: int, frame_s: float = FRAME_S) -> Features:
-    """Features of whole in-memory signals ``{name: (channels, time)}`` (all the same shape).
-
-    A ``"mixture"`` entry is added as the sum of the others when it is missing.
-    """
-    signals = {k: torch.as_tensor(np.asarray(v, np.float32)) for k, v in signals.items()}
-    if MIXTURE not in signals:
-        signals[MIXTURE] = torch.stack(list(signals.values())).sum(0)
-    acc = FrameFeatures(tuple(signals), sample_rate, frame_s)
-    acc.push(torch.stack(list(signals.values())))
-    return acc.finish()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -215,9 +98,9 @@ def segments_from_activation(act: np.ndarray, frame_s: float, duration_s: float,
     for i, a in enumerate(act):  # hysteresis is sequential; frames are few (72,000 per hour)
         state = a > rule.on if not state else a >= rule.off
         on[i] = state
-    runs = _runs(on)
+    spans = runs(on)
     merged: list[list[int]] = []
-    for start, end in runs:
+    for start, end in spans:
         if merged and (start - merged[-1][1]) * frame_s < rule.min_gap_s:
             merged[-1][1] = end
         else:
@@ -230,7 +113,7 @@ def segments_from_activation(act: np.ndarray, frame_s: float, duration_s: float,
     return tuple(out)
 
 
-def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
+def runs(mask: np.ndarray) -> list[tuple[int, int]]:
     """``[start, end)`` index pairs of the True runs of ``mask``."""
     if not len(mask):
         return []
@@ -256,7 +139,8 @@ def smooth(x: np.ndarray, frames: int) -> np.ndarray:
     return num / den
 
 
-def _db(x: np.ndarray) -> np.ndarray:
+def to_db(x: np.ndarray) -> np.ndarray:
+    """Power ``x`` in dB (floored at 1e-12, so -120 dB at most below 1)."""
     return 10.0 * np.log10(np.maximum(x, _TINY))
 
 
@@ -292,8 +176,8 @@ def energy_activation(features: Features, stem: str, config: EnergyConfig = Ener
     n = max(1, round(config.smooth_s / features.frame_s)) if smoothed else 1
     stem_p = smooth(features.power(stem).astype(np.float64), n)
     mix_p = smooth(features.power(MIXTURE).astype(np.float64), n)
-    rel = _db(stem_p) - _db(np.maximum(mix_p, stem_p))
-    rel[_db(stem_p) < config.floor_dbfs] = -200.0
+    rel = to_db(stem_p) - to_db(np.maximum(mix_p, stem_p))
+    rel[to_db(stem_p) < config.floor_dbfs] = -200.0
     return rel
 
 
@@ -334,8 +218,8 @@ def classifier_inputs(features: Features, sources: Sequence[str]) -> Tensor:
     """``(1, inputs, frames)`` network input: each source's band levels relative to the mixture's, and
     the mixture's own band levels, in dB / 20 (clipped), for the classifier's ``sources`` in order."""
     mix = features.bands[:, features._index(MIXTURE)].astype(np.float64)
-    mix_db = _db(mix)
-    rows = [np.clip(_db(features.bands[:, features._index(s)].astype(np.float64)) - mix_db, -60.0, 10.0) for s in sources]
+    mix_db = to_db(mix)
+    rows = [np.clip(to_db(features.bands[:, features._index(s)].astype(np.float64)) - mix_db, -60.0, 10.0) for s in sources]
     rows.append(np.clip(mix_db, -100.0, 0.0))
     x = np.concatenate(rows, -1).T / 20.0  # (inputs, frames)
     return torch.from_numpy(x.astype(np.float32))[None]
@@ -394,8 +278,6 @@ class Detector:
         self.kind = kind
         self.model = None
         if kind in ("classifier", "combined"):
-            from demix.models.registry import load_model
-
             self.model = load_model(classifier, weights=weights, kind="presence")
             if sources is not None and not set(self.model.sources) <= set(sources):
                 # a separator without vocals/drums/bass/other (a plug-in model): fall back to energy

@@ -42,6 +42,8 @@ from pathlib import Path
 
 import fsspec
 
+from demix.pipeline.errors import StagedError
+
 S3_MAX_ATTEMPTS = 3
 """botocore attempts per S3 request (first try included), ``retries.mode="standard"``."""
 S3FS_RETRIES = 2
@@ -55,21 +57,16 @@ _s3_defaults.setdefault("config_kwargs", {}).setdefault(
 AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".m4a", ".aac", ".mp4", ".aif", ".aiff", ".wma")
 
 
-class StorageError(OSError):
-    """A read, write or listing on a storage URI failed. ``stage`` is ``read`` or ``write``."""
+class StorageError(StagedError, OSError):
+    """A read, write or listing on a storage URI failed. ``stage`` is ``read`` or ``write``.
+
+    Pickles whole across Ray and Prefect process boundaries (:class:`~demix.pipeline.errors.StagedError`).
+    """
 
     def __init__(self, uri: str, message: str, *, stage: str = "write") -> None:
-        super().__init__(f"{stage} {uri}: {message}")
+        super().__init__(f"{stage} {uri}: {message}", source=uri, stage=stage)
         self.uri = uri
-        self.stage = stage
         self.detail = message
-
-    def __reduce__(self):  # picklable across Ray and Prefect process boundaries
-        return (type(self), (self.uri, self.detail), {"stage": self.stage})
-
-    def __setstate__(self, state: dict) -> None:
-        self.stage = state["stage"]
-        self.args = (f"{self.stage} {self.uri}: {self.detail}",)
 
 
 def is_remote(uri: str) -> bool:
@@ -187,6 +184,40 @@ def local_copy(uri: str, *, spool_dir: str | None = None) -> Iterator[str]:
         Path(tmp).unlink(missing_ok=True)
 
 
+def _temp_beside(final: str | os.PathLike, *, prefix: str = ".demix-", suffix: str = ".part") -> str:
+    """A new empty temp file in the folder of the local path ``final`` (created with its parents).
+
+    Staging beside the final path keeps the last ``os.replace`` (or ``os.link``) on one file system: a
+    temp file under ``/tmp`` cannot be renamed onto another mount. The caller moves or removes it.
+
+    Raises:
+        OSError: the folder or the temp file cannot be created.
+    """
+    folder = os.path.dirname(os.path.abspath(final))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=folder)
+    os.close(fd)
+    return tmp
+
+
+@contextlib.contextmanager
+def staged_path(final: str | os.PathLike, *, prefix: str = ".demix-", suffix: str = ".part") -> Iterator[str]:
+    """A temp file beside the local path ``final`` to write, then :func:`put_file` to a final name.
+
+    Whatever is still at the temp path when the ``with`` block ends (normally or by an exception) is
+    removed; a file moved away by :func:`put_file` is gone already. For a final name known only after
+    writing (``models.weights.save`` names a file by its checksum); otherwise use :class:`AtomicOutput`.
+
+    Raises:
+        OSError: the folder or the temp file cannot be created.
+    """
+    tmp = _temp_beside(final, prefix=prefix, suffix=suffix)
+    try:
+        yield tmp
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
 class AtomicOutput:
     """Local staging paths for a group of output keys, committed together.
 
@@ -203,13 +234,10 @@ class AtomicOutput:
     def path_for(self, uri: str) -> str:
         suffix = Path(uri).suffix
         if not is_remote(uri):
-            final = Path(local_path(uri))
             try:
-                final.parent.mkdir(parents=True, exist_ok=True)
+                tmp = _temp_beside(local_path(uri), suffix=".part" + suffix)
             except OSError as err:
                 raise StorageError(uri, str(err)) from err
-            fd, tmp = tempfile.mkstemp(prefix=".demix-", suffix=".part" + suffix, dir=final.parent)
-            os.close(fd)
         else:
             if self._tmpdir is None:
                 self._tmpdir = tempfile.mkdtemp(prefix="demix-out-", dir=self._spool_dir)
@@ -263,15 +291,16 @@ def atomic_write(uri: str, data: bytes) -> None:
     A local target is staged in its own folder, so the final ``os.replace`` never crosses file
     systems (a temp file under ``/tmp`` cannot be renamed onto another mount).
     """
-    folder = None if is_remote(uri) else os.path.dirname(os.path.abspath(local_path(uri)))
     try:
-        if folder is not None:
-            os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".demix-", suffix=".part", dir=folder)
+        if is_remote(uri):
+            fd, tmp = tempfile.mkstemp(prefix=".demix-", suffix=".part")
+            os.close(fd)
+        else:
+            tmp = _temp_beside(local_path(uri))
     except OSError as err:
         raise StorageError(uri, f"{type(err).__name__}: {err}") from err
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "wb") as f:
             f.write(data)
         put_file(tmp, uri)
     finally:
@@ -308,12 +337,11 @@ def create_once(uri: str, data: bytes) -> bool:
             raise StorageError(uri, f"{type(err).__name__}: {err}") from err
     final = os.path.abspath(local_path(uri))
     try:
-        os.makedirs(os.path.dirname(final), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".demix-", suffix=".part", dir=os.path.dirname(final))
+        tmp = _temp_beside(final)
     except OSError as err:
         raise StorageError(uri, f"{type(err).__name__}: {err}") from err
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

@@ -4,14 +4,23 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
-from demix.pipeline.engine.presence import (
-    FRAME_S, MIXTURE, Detector, Features, FrameFeatures, Presence, PresenceError, Segment, _db, _runs,
-    classifier_inputs, features_of, smooth,
+from demix.models.presence import PresenceNet
+from demix.models.weights import save
+from demix.pipeline import markdown
+from demix.pipeline.data import MusdbDataset
+from demix.pipeline.engine import (
+    FRAME_S, Detector, Features, FrameFeatures, Presence, PresenceError, Segment, SeparationSettings,
+    classifier_inputs, features_of, runs, separate, smooth, to_db,
 )
+from demix.pipeline.io import conform
+from demix.pipeline.stems import MIXTURE, STEMS
 
 
 # --------------------------------------------------------------------------------------------------
@@ -27,13 +36,13 @@ def reference_activity(stem: np.ndarray, sample_rate: int, frame_s: float = FRAM
     acc = FrameFeatures(("stem",), sample_rate, frame_s)
     acc.push(torch.as_tensor(np.asarray(stem, np.float32))[None])
     p = smooth(acc.finish().power("stem").astype(np.float64), max(1, round(0.15 / frame_s)))
-    return _db(p) > REFERENCE_FLOOR_DBFS
+    return to_db(p) > REFERENCE_FLOOR_DBFS
 
 
 def reference_segments(stem: np.ndarray, sample_rate: int, frame_s: float = FRAME_S) -> tuple[Segment, ...]:
     """Segments of a true stem (no minimum durations)."""
     act = reference_activity(stem, sample_rate, frame_s)
-    return tuple(Segment(a * frame_s, min(b * frame_s, stem.shape[-1] / sample_rate)) for a, b in _runs(act))
+    return tuple(Segment(a * frame_s, min(b * frame_s, stem.shape[-1] / sample_rate)) for a, b in runs(act))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -57,9 +66,6 @@ class LabelledExample:
 def separated_features(separator, mixture: np.ndarray, sample_rate: int, settings=None) -> Features:
     """Separate ``mixture`` ``(channels, time)`` with ``separator`` and return the frame features of
     its sources and of their sum (the ``mixture`` signal, as the catalog run computes it)."""
-    from demix.pipeline.io.audio import conform
-    from demix.pipeline.engine.separate import SeparationSettings, separate
-
     x = conform(mixture, sample_rate, target_rate=separator.sample_rate, target_channels=separator.audio_channels)
     est = separate(separator, x, settings or SeparationSettings())
     signals = {s: est[i] for i, s in enumerate(separator.sources)}
@@ -74,8 +80,6 @@ def labelled_examples(dataset, separator, *, dropped_variants: int = 0, seed: in
     ``dropped_variants`` more examples per song leave one or two of its present stems out of the
     mixture (the mixture is rebuilt as the sum of the stems kept), so absent stems are common.
     """
-    from demix.pipeline.data.datasets import STEMS, MusdbDataset
-
     data = MusdbDataset(dataset)
     rng = np.random.default_rng(seed)
     out: list[LabelledExample] = []
@@ -111,11 +115,9 @@ def _fit(x: np.ndarray, n: int) -> np.ndarray:
 def train_classifier(examples: Sequence[LabelledExample], *, steps: int = 1500, batch_size: int = 16, crop_frames: int = 200,
                      lr: float = 3e-3, seed: int = 0, hidden: int = 64, layers: int = 4, log=None):
     """Train a :class:`demix.models.presence.PresenceNet` on frame labels (BCE), deterministic per seed."""
-    from demix.models.presence import PresenceNet
-
     if not examples:
         raise PresenceError("no labelled examples to train on")
-    sources = ("vocals", "drums", "bass", "other")
+    sources = STEMS
     gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -214,10 +216,6 @@ def evaluate_presence(dataset, separator, detectors: Mapping[str, Detector], *, 
     Writes ``OUT/presence_scores.parquet`` (detector x stem), ``OUT/presence_predictions.parquet``
     (detector x track x stem, with segments) and ``OUT/presence.md``.
     """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    from pathlib import Path
-
     examples = labelled_examples(dataset, separator, settings=settings, progress=progress)
     truth = {(e.name, s): e.present[s] for e in examples for s in e.present}
     refs = {(e.name, s): e.labels[s] for e in examples for s in e.labels}
@@ -240,28 +238,20 @@ def evaluate_presence(dataset, separator, detectors: Mapping[str, Detector], *, 
     lines = [f"# demix evaluate --presence: {getattr(separator, 'registry_name', type(separator).__name__)} on {dataset}", "",
              f"{len(examples)} songs. Track level: precision / recall / F1 of *present* (and F1 of *absent*); "
              "frame F1: active segments against the true stem's activity (50 ms frames, present stems only).", "",
-             "| detector | stem | present / absent | precision | recall | F1 | absent F1 | frame F1 |",
-             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
-    for r in flat:
-        lines.append(f"| {r['detector']} | {r['stem']} | {r['present']} / {r['absent']} | {r['precision']:.3f} | "
-                     f"{r['recall']:.3f} | {r['f1']:.3f} | {r['absent_f1']:.3f} | {r['frame_f1']:.3f} |")
+             _scores_table(flat)]
     Path(paths["markdown"]).write_text("\n".join(lines) + "\n")
     return PresenceReport(scores, paths)
 
 
+def _scores_table(flat: Sequence[Mapping]) -> str:
+    """The Markdown table of ``presence.md``: one row per detector and stem."""
+    header = ["detector", "stem", "present / absent", "precision", "recall", "F1", "absent F1", "frame F1"]
+    rows = [[r["detector"], r["stem"], f"{r['present']} / {r['absent']}", f"{r['precision']:.3f}", f"{r['recall']:.3f}",
+             f"{r['f1']:.3f}", f"{r['absent_f1']:.3f}", f"{r['frame_f1']:.3f}"] for r in flat]
+    return markdown.table(header, rows, align="lllrrrrr")
+
+
 def save_classifier(model, folder) -> tuple[str, str]:
     """Write ``folder/presence-<sha8>.safetensors`` (float32; 0.2 MB); returns ``(path, sha256)``."""
-    import hashlib
-    import os
-    from pathlib import Path
-
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / ".presence.safetensors.part"
-    save_file({k: v.detach().contiguous().float() for k, v in model.state_dict().items()}, str(tmp))
-    digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
-    final = folder / f"presence-{digest[:8]}.safetensors"
-    os.replace(tmp, final)
-    return str(final), digest
+    path, digest = save({k: v.float() for k, v in model.state_dict().items()}, folder, "presence")
+    return str(path), digest

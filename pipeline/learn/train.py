@@ -1,7 +1,7 @@
 """Training loop for the project's own models, resumable, with validation SDR and verified checkpoints.
 
 :func:`train` fits any trainable registered model (the spectrogram U-Net first of all) on a dataset
-folder in the MUSDB18-HQ layout (:mod:`demix.pipeline.data.datasets`), on CUDA when present and on CPU otherwise.
+folder in the MUSDB18-HQ layout (:mod:`demix.pipeline.data.musdb`), on CUDA when present and on CPU otherwise.
 Its output folder holds::
 
     config.json     the TrainConfig; a second run in the same folder must match it (it resumes)
@@ -9,12 +9,12 @@ Its output folder holds::
     log.jsonl       one JSON record per logged step: train_loss, and valid_loss / valid_sdr when validated
     best.safetensors, best.json     the weights with the best mean validation SDR so far, with their sha256
 
-Training example ``k`` is a pure function of ``(seed, k)`` (:class:`~demix.pipeline.data.datasets.TrainingSampler`)
+Training example ``k`` is a pure function of ``(seed, k)`` (:class:`~demix.pipeline.data.sampler.TrainingSampler`)
 and the torch RNG state is checkpointed, so an interrupted run that resumes reaches the weights of an
 uninterrupted one (bitwise on CPU with the same thread count).
 
-:func:`export_checkpoint` turns ``best.safetensors`` into a shippable ``<model>-<sha8>.safetensors``
-(optionally float16) that :func:`demix.models.registry.load_model` verifies by name.
+:func:`demix.pipeline.learn.checkpoints.export_checkpoint` turns ``best.safetensors`` into a shippable
+``<model>-<sha8>.safetensors`` (optionally float16) that :func:`demix.models.registry.load_model` verifies by name.
 """
 
 from __future__ import annotations
@@ -22,26 +22,22 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
-import statistics
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
-from demix.pipeline.data.datasets import AugmentConfig, MusdbDataset, TrainingSampler, fixed_excerpts, is_silent
-
-LOSSES = ("l1", "mse")
-STATE_FORMAT = 1
+from demix.models import get_entry, load_model
+from demix.pipeline.data import AugmentConfig, MusdbDataset, TrainingSampler, fixed_excerpts
+from demix.pipeline.learn.checkpoints import load_state, save_best, save_state, write_json
+from demix.pipeline.learn.validation import LOSSES, loss_fn, mean_sdr, validate
 
 RESUMABLE_FIELDS = frozenset({"steps", "device", "num_workers", "num_threads", "checkpoint_every", "valid_every", "log_every"})
 """Config fields a resumed run may change: they do not change what the model learns."""
-
-_SDR_EPS = 1e-10
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -150,33 +146,8 @@ class TrainConfig:
         return cls(**data)
 
 
-# ------------------------------------------------------------------------------------------ files
 
-
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` on a temp name next to ``path``, then rename it over ``path``."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.part")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _write_json(path: Path, data: dict) -> None:
-    _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
-
-
-def _save_safetensors(path: Path, state: dict[str, Tensor]) -> str:
-    """Write ``state`` (moved to CPU, contiguous) as safetensors atomically; return its sha256."""
-    from safetensors.torch import save_file
-
-    from demix.models.weights import sha256_file
-
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    _atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
-    return sha256_file(path)
+# ------------------------------------------------------------------------------------------ config
 
 
 def _normalised(config: TrainConfig) -> dict:
@@ -212,22 +183,6 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def loss_fn(name: str, estimate: Tensor, reference: Tensor) -> Tensor:
-    """Mean L1 or squared error over every stem, channel and sample."""
-    if name == "l1":
-        return (estimate - reference).abs().mean()
-    if name == "mse":
-        return (estimate - reference).square().mean()
-    raise ValueError(f"Expected loss in {LOSSES}. Found: {name!r}")
-
-
-def sdr_db(reference: Tensor, estimate: Tensor) -> float:
-    """``10 log10(|s|^2 / |s - ŝ|^2)`` in dB over all channels and samples of one stem."""
-    ref = reference.double()
-    err = (ref - estimate.double()).square().sum()
-    return float(10.0 * torch.log10((ref.square().sum() + _SDR_EPS) / (err + _SDR_EPS)))
-
-
 class _Examples(torch.utils.data.Dataset):
     """Map-style view of a sampler (example ``k`` -> ``sampler.example(k)``) so that a DataLoader with
     any number of workers yields examples in index order and a run can start at any index."""
@@ -239,35 +194,30 @@ class _Examples(torch.utils.data.Dataset):
         return self.sampler.example(index)
 
 
-@torch.no_grad()
-def validate(model: torch.nn.Module, excerpts: list[tuple[str, Tensor, Tensor]], *, loss: str, batch_size: int,
-             device: torch.device) -> tuple[float, dict[str, float | None]]:
-    """Mean loss and median per-stem SDR (silent references skipped; ``None`` when all are silent)."""
-    was_training = model.training
-    model.eval()
-    try:
-        losses, sdrs = [], {s: [] for s in model.sources}
-        for i in range(0, len(excerpts), batch_size):
-            part = excerpts[i : i + batch_size]
-            mix = torch.stack([m for _, m, _ in part]).to(device)
-            ref = torch.stack([s for _, _, s in part]).to(device)
-            est = model(mix)
-            losses.extend(float(loss_fn(loss, e, r)) for e, r in zip(est, ref))
-            for e, r in zip(est.cpu(), ref.cpu()):
-                for k, stem in enumerate(model.sources):
-                    if not is_silent(r[k]):
-                        sdrs[stem].append(sdr_db(r[k], e[k]))
-    finally:
-        model.train(was_training)
-    return statistics.fmean(losses), {s: (statistics.median(v) if v else None) for s, v in sdrs.items()}
 
-
-def _mean_sdr(sdrs: dict[str, float | None]) -> float | None:
-    values = [v for v in sdrs.values() if v is not None]
-    return statistics.fmean(values) if values else None
 
 
 # ------------------------------------------------------------------------------------------- train
+
+
+@dataclass
+class _Run:
+    """A training run's pieces and its progress (``step``, ``best``, ``loss_acc``: what ``state.pt`` keeps)."""
+
+    config: TrainConfig
+    out: Path
+    device: torch.device
+    model: torch.nn.Module
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    sampler: TrainingSampler
+    excerpts: list[tuple[str, Tensor, Tensor]]
+    meta: dict
+    cuda_devices: list[int]
+    log: Callable[[dict], None] | None
+    step: int = 0
+    best: dict = field(default_factory=lambda: {"sdr": None, "step": None})
+    loss_acc: list = field(default_factory=lambda: [0.0, 0])
 
 
 def train(
@@ -295,9 +245,6 @@ def train(
             holding a run with another configuration (or one already past ``config.steps``).
         models.ModelLoadError: the model cannot be built.
     """
-    from demix.models.registry import get_entry, load_model
-    from demix.models.weights import load_strict
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(config.device)
@@ -308,6 +255,31 @@ def train(
     elif state_path.is_file():
         raise ValueError(f"{out} holds state.pt without config.json; refusing to resume an unknown run")
 
+    run = _build(config, out, device, log)
+    threads = torch.get_num_threads()
+    with contextlib.ExitStack() as stack:
+        if config.num_threads is not None:  # for this run only; the caller's setting comes back after
+            torch.set_num_threads(config.num_threads)
+            stack.callback(torch.set_num_threads, threads)
+        stack.enter_context(torch.random.fork_rng(devices=run.cuda_devices))
+        if state_path.is_file():
+            run.step, run.best, run.loss_acc = load_state(
+                state_path, model=run.model, optimizer=run.optimizer, steps=config.steps, cuda_devices=run.cuda_devices
+            )
+        else:
+            torch.manual_seed(config.seed)
+            if device.type == "cuda":
+                torch.cuda.manual_seed(config.seed)
+        write_json(config_path, given)
+        _loop(run, progress)
+    if not (out / "best.safetensors").is_file():  # resumed a run that had already finished, before best existed
+        raise ValueError(f"{out} has no best.safetensors; the run never validated")
+    return out / "best.safetensors"
+
+
+def _build(config: TrainConfig, out: Path, device: torch.device, log: Callable[[dict], None] | None) -> _Run:
+    """The model (from scratch or ``init_weights``), the training sampler, the validation excerpts and
+    the optimizer of a run."""
     entry = get_entry(config.model)
     # from scratch, or from init_weights (fine-tuning)
     model = load_model(config.model, device=device, pretrained=False, weights=config.init_weights, **config.model_options)
@@ -333,120 +305,86 @@ def train(
     optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
 
     cuda_devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
-    threads = torch.get_num_threads()
-    with contextlib.ExitStack() as stack:
-        if config.num_threads is not None:  # for this run only; the caller's setting comes back after
-            torch.set_num_threads(config.num_threads)
-            stack.callback(torch.set_num_threads, threads)
-        stack.enter_context(torch.random.fork_rng(devices=cuda_devices))
-        step, best, loss_acc = 0, {"sdr": None, "step": None}, [0.0, 0]
-        if state_path.is_file():
-            state = torch.load(state_path, map_location="cpu", weights_only=True)
-            if state.get("format") != STATE_FORMAT:
-                raise ValueError(f"{state_path} has format {state.get('format')!r}; this demix reads {STATE_FORMAT}")
-            step = int(state["step"])
-            if step > config.steps:
-                raise ValueError(f"{out} is already trained to step {step}, past steps={config.steps}")
-            load_strict(model, state["model"], where=str(state_path))
-            optimizer.load_state_dict(state["optimizer"])
-            torch.set_rng_state(state["rng"]["torch"])
-            if cuda_devices and state["rng"].get("cuda") is not None:
-                torch.cuda.set_rng_state(state["rng"]["cuda"], cuda_devices[0])
-            best, loss_acc = dict(state["best"]), list(state["loss_acc"])
-            _truncate_log(out / "log.jsonl", step)
-        else:
-            torch.manual_seed(config.seed)
-            if device.type == "cuda":
-                torch.cuda.manual_seed(config.seed)
-        _write_json(config_path, given)
+    meta = {"model": entry.name, "options": dict(config.model_options), "sources": list(model.sources),
+            "sample_rate": int(model.sample_rate)}
+    return _Run(config, out, device, model, params, optimizer, sampler, excerpts, meta, cuda_devices, log)
 
-        meta = {"model": entry.name, "options": dict(config.model_options), "sources": list(model.sources),
-                "sample_rate": int(model.sample_rate)}
 
-        def save_state(at: int) -> None:
-            rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(cuda_devices[0]) if cuda_devices else None}
-            state = {"format": STATE_FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": at,
-                     "rng": rng, "best": best, "loss_acc": loss_acc}
-            _atomic_write(state_path, lambda tmp: torch.save(state, tmp))
-
-        def emit(record: dict) -> None:
-            with open(out / "log.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps(record, sort_keys=True) + "\n")
-            if log is not None:
-                log(record)
-
-        loader = torch.utils.data.DataLoader(
-            _Examples(sampler), batch_size=config.batch_size,
-            sampler=range(step * config.batch_size, config.steps * config.batch_size),
-            num_workers=config.num_workers, pin_memory=device.type == "cuda", drop_last=False,
-            generator=torch.Generator().manual_seed(config.seed),  # else the loader draws from the global RNG
-        )
-        bar = _progress_bar(progress, step, config.steps)
-        started, first_step = time.perf_counter(), step
-        try:
-            for mixture, stems in loader:
-                mixture = mixture.to(device, non_blocking=True)
-                stems = stems.to(device, non_blocking=True)
-                optimizer.zero_grad(set_to_none=True)
-                loss = loss_fn(config.loss, model(mixture), stems)
-                if not torch.isfinite(loss):
-                    raise ValueError(f"training diverged at step {step + 1}: loss is {float(loss)}; lower lr")
-                loss.backward()
-                if config.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-                optimizer.step()
-                step += 1
-                loss_acc[0] += float(loss.detach())
-                loss_acc[1] += 1
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{float(loss):.4f}")
-                last = step == config.steps
-                validating = step % config.valid_every == 0 or last
-                if validating or step % config.log_every == 0:
-                    elapsed = time.perf_counter() - started
-                    record = {"step": step, "train_loss": loss_acc[0] / max(loss_acc[1], 1), "elapsed_s": elapsed,
-                              "steps_per_s": (step - first_step) / elapsed if elapsed > 0 else None}
-                    loss_acc = [0.0, 0]
-                    if validating:
-                        valid_loss, sdrs = validate(model, excerpts, loss=config.loss, batch_size=config.batch_size,
-                                                    device=device)
-                        mean = _mean_sdr(sdrs)
-                        improved = best["step"] is None or (mean is not None and (best["sdr"] is None or mean > best["sdr"]))
-                        if improved:
-                            digest = _save_safetensors(out / "best.safetensors", model.weights_module().state_dict())
-                            _write_json(out / "best.json", {**meta, "step": step, "valid_sdr": sdrs,
-                                                            "valid_sdr_mean": mean, "sha256": digest})
-                            best = {"sdr": mean, "step": step}
-                        record.update(valid_loss=valid_loss, valid_sdr=sdrs, valid_sdr_mean=mean, best=improved)
-                    emit(record)
-                if step % config.checkpoint_every == 0 or last:
-                    save_state(step)
-        finally:
+def _loop(run: _Run, progress: bool) -> None:
+    """Train from ``run.step`` to ``config.steps``: log, validate and checkpoint on their schedules."""
+    config = run.config
+    loader = torch.utils.data.DataLoader(
+        _Examples(run.sampler), batch_size=config.batch_size,
+        sampler=range(run.step * config.batch_size, config.steps * config.batch_size),
+        num_workers=config.num_workers, pin_memory=run.device.type == "cuda", drop_last=False,
+        generator=torch.Generator().manual_seed(config.seed),  # else the loader draws from the global RNG
+    )
+    bar = _progress_bar(progress, run.step, config.steps)
+    started, first_step = time.perf_counter(), run.step
+    try:
+        for mixture, stems in loader:
+            loss = _train_step(run, mixture, stems)
             if bar is not None:
-                bar.close()
-    if not (out / "best.safetensors").is_file():  # resumed a run that had already finished, before best existed
-        raise ValueError(f"{out} has no best.safetensors; the run never validated")
-    return out / "best.safetensors"
+                bar.update(1)
+                bar.set_postfix(loss=f"{float(loss):.4f}")
+            last = run.step == config.steps
+            validating = run.step % config.valid_every == 0 or last
+            if validating or run.step % config.log_every == 0:
+                elapsed = time.perf_counter() - started
+                _record(run, validating, elapsed, (run.step - first_step) / elapsed if elapsed > 0 else None)
+            if run.step % config.checkpoint_every == 0 or last:
+                save_state(run.out / "state.pt", model=run.model, optimizer=run.optimizer, step=run.step, best=run.best,
+                           loss_acc=run.loss_acc, cuda_devices=run.cuda_devices)
+    finally:
+        if bar is not None:
+            bar.close()
 
 
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop records past ``step`` (written after the last checkpoint of an interrupted run)."""
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        with contextlib.suppress(json.JSONDecodeError):
-            if json.loads(line).get("step", 0) <= step:
-                kept.append(line + "\n")
-    _atomic_write(path, lambda tmp: tmp.write_text("".join(kept), encoding="utf-8"))
+def _train_step(run: _Run, mixture: Tensor, stems: Tensor) -> Tensor:
+    """One optimizer step on a batch; returns its loss."""
+    mixture = mixture.to(run.device, non_blocking=True)
+    stems = stems.to(run.device, non_blocking=True)
+    run.optimizer.zero_grad(set_to_none=True)
+    loss = loss_fn(run.config.loss, run.model(mixture), stems)
+    if not torch.isfinite(loss):
+        raise ValueError(f"training diverged at step {run.step + 1}: loss is {float(loss)}; lower lr")
+    loss.backward()
+    if run.config.grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(run.params, run.config.grad_clip)
+    run.optimizer.step()
+    run.step += 1
+    run.loss_acc[0] += float(loss.detach())
+    run.loss_acc[1] += 1
+    return loss
+
+
+def _record(run: _Run, validating: bool, elapsed: float, steps_per_s: float | None) -> None:
+    """Emit a log record (mean train loss since the last one); on validation steps validate, and save
+    ``best.*`` when the mean SDR improved."""
+    record = {"step": run.step, "train_loss": run.loss_acc[0] / max(run.loss_acc[1], 1), "elapsed_s": elapsed,
+              "steps_per_s": steps_per_s}
+    run.loss_acc = [0.0, 0]
+    if validating:
+        config = run.config
+        valid_loss, sdrs = validate(run.model, run.excerpts, loss=config.loss, batch_size=config.batch_size,
+                                    device=run.device)
+        mean = mean_sdr(sdrs)
+        best = run.best
+        improved = best["step"] is None or (mean is not None and (best["sdr"] is None or mean > best["sdr"]))
+        if improved:
+            save_best(run.out, run.model.weights_module().state_dict(),
+                      {**run.meta, "step": run.step, "valid_sdr": sdrs, "valid_sdr_mean": mean})
+            run.best = {"sdr": mean, "step": run.step}
+        record.update(valid_loss=valid_loss, valid_sdr=sdrs, valid_sdr_mean=mean, best=improved)
+    with open(run.out / "log.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, sort_keys=True) + "\n")
+    if run.log is not None:
+        run.log(record)
 
 
 def _progress_bar(enabled: bool, step: int, steps: int):
     if not enabled:
         return None
-    from tqdm import tqdm
-
     return tqdm(total=steps, initial=step, unit="step", desc="train", dynamic_ncols=True)
 
 
@@ -456,97 +394,3 @@ def read_log(out_dir: str | Path) -> Iterator[dict]:
         for line in f:
             if line.strip():
                 yield json.loads(line)
-
-
-# ------------------------------------------------------------------------------------------ export
-
-
-def export_checkpoint(state_dir: str | Path, dest: str | Path, *, half: bool = False) -> tuple[Path, str]:
-    """Write ``<dest>/<model>-<sha8>.safetensors`` and a ``.json`` next to it from ``state_dir/best.*``.
-
-    Args:
-        state_dir: a :func:`train` output folder.
-        dest: folder for the exported files (created).
-        half: store floating-point tensors as float16 (half the size; they load into the float32
-            model, losing precision beyond float16's).
-
-    Returns:
-        ``(path, sha256)`` of the exported weights; the name carries the first 8 hex digits, which
-        :func:`demix.models.registry.load_model` checks.
-    """
-    from demix.models.weights import sha256_file, verify
-
-    state_dir, dest = Path(state_dir), Path(dest)
-    weights, meta_path = state_dir / "best.safetensors", state_dir / "best.json"
-    if not weights.is_file() or not meta_path.is_file():
-        raise ValueError(f"{state_dir} holds no best.safetensors and best.json; train first")
-    meta = json.loads(meta_path.read_text())
-    verify(weights, sha256=meta.get("sha256"))
-    from safetensors.torch import load_file, save_file
-
-    state = load_file(str(weights))
-    if half:
-        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
-    dest.mkdir(parents=True, exist_ok=True)
-    tmp = dest / f".export.{os.getpid()}.{uuid.uuid4().hex[:8]}.safetensors.part"
-    try:
-        save_file(state, str(tmp))
-        digest = sha256_file(tmp)
-        path = dest / f"{meta['model']}-{digest[:8]}.safetensors"
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    info = {**meta, "sha256": digest, "dtype": "float16" if half else "float32", "trained_sha256": meta.get("sha256"),
-            "size_bytes": path.stat().st_size}
-    _write_json(path.with_suffix(".json"), info)
-    return path, digest
-
-
-def fit_nmf(
-    dataset: str | Path,
-    dest: str | Path,
-    *,
-    components: int = 32,
-    fit_iters: int = 200,
-    max_tracks: int | None = None,
-    seed: int = 0,
-) -> tuple[Path, str]:
-    """Learn the supervised-NMF baseline's dictionaries from a MUSDB-layout folder.
-
-    Writes ``<dest>/nmf-<sha8>.safetensors`` (+ ``.json``) loadable with
-    ``load_model("nmf", components=..., weights=path)``; returns ``(path, sha256)``.
-    """
-    import numpy as np
-
-    from demix.models.registry import load_model
-    from demix.models.weights import sha256_file
-    from demix.pipeline.data.datasets import MusdbDataset
-
-    data = MusdbDataset(dataset)
-    model = load_model("nmf", components=components, pretrained=False)
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(data))[: max_tracks or len(data)]
-
-    def examples():
-        for i in order:
-            tracks = data.load(int(i))
-            stems = torch.stack([torch.from_numpy(tracks[s]) for s in model.sources])
-            if data.tracks[int(i)].sample_rate != model.sample_rate:
-                import torchaudio
-
-                stems = torchaudio.functional.resample(stems, data.tracks[int(i)].sample_rate, model.sample_rate)
-            yield stems
-
-    model.fit(examples(), iters=fit_iters, seed=seed)
-    dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
-    tmp = dest / "nmf.safetensors.part"
-    digest = _save_safetensors(tmp, model.state_dict())
-    final = dest / f"nmf-{digest[:8]}.safetensors"
-    tmp.replace(final)
-    _write_json(final.with_suffix(".json"), {
-        "model": "nmf", "options": {"components": components}, "sources": list(model.sources),
-        "sample_rate": model.sample_rate, "sha256": sha256_file(final), "tracks": len(order), "fit_iters": fit_iters,
-    })
-    return final, digest

@@ -13,18 +13,17 @@ up to half a second, the estimates are realigned and averaged.
 
 Models with ``normalize_input`` get demucs' track-level normalisation: subtract the mean and divide
 by the standard deviation of the mono mix of the *whole track*, undo it on the estimates. For files,
-:func:`separate_track` computes those statistics in a first streaming pass.
+:func:`demix.pipeline.engine.track.separate_track` computes those statistics in a first streaming pass.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import math
-import queue
 import random
-import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -89,17 +88,33 @@ class SeparationSettings:
         }
 
 
+def add_separation_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """The command-line options of :class:`SeparationSettings` (read back by :func:`settings_kwargs`)."""
+    parser.add_argument("--segment", type=float, metavar="SECONDS", help="chunk length (default: the model's)")
+    parser.add_argument("--overlap", type=float, default=0.25, help="chunk overlap fraction in [0, 1) (default: 0.25)")
+    parser.add_argument("--shifts", type=int, default=0, help="random-shift passes to average (default: 0)")
+    parser.add_argument("--batch-size", type=int, default=1, help="chunks per forward call (default: 1)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    parser.add_argument(
+        "--dtype", choices=tuple(_DTYPES), default="float32", help="compute dtype (default: float32)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed for --shifts (default: 0)")
+
+
+def settings_kwargs(args: argparse.Namespace) -> dict:
+    """Keyword arguments of :class:`SeparationSettings` from parsed :func:`add_separation_flags` options
+    (``device`` excluded: the caller resolves ``auto``)."""
+    return {
+        "segment": args.segment, "overlap": args.overlap, "shifts": args.shifts,
+        "batch_size": args.batch_size, "dtype": args.dtype, "seed": args.seed,
+    }
+
+
 def triangle_window(length: int, power: float = 1.0) -> Tensor:
     """Triangular weight of ``length`` samples, peak 1, strictly positive, raised to ``power``."""
     half = length // 2
     weight = torch.cat([torch.arange(1, half + 1), torch.arange(length - half, 0, -1)]).float()
     return (weight / weight.max()) ** power
-
-
-@dataclass
-class _Stats:
-    mean: float = 0.0
-    std: float = 1.0
 
 
 class _OverlapAdd:
@@ -323,320 +338,3 @@ def separate(model: Separator, mix: Tensor, settings: SeparationSettings = Separ
     if mix.ndim == 3:
         return torch.stack([separate(model, m, settings) for m in mix])
     raise ValueError(f"Expected (channels, time) or (batch, channels, time). Found: {tuple(mix.shape)}")
-
-
-@dataclass(frozen=True)
-class StemPlan:
-    """Which stems to write, each the sum of some model outputs.
-
-    ``outputs`` is a tuple of ``(stem_name, source_indices)``.
-    """
-
-    outputs: tuple[tuple[str, tuple[int, ...]], ...]
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        return tuple(name for name, _ in self.outputs)
-
-    def apply(self, est: Tensor) -> dict[str, Tensor]:
-        """``(sources, channels, n)`` -> ``{stem: (channels, n)}``."""
-        return {name: est[list(idx)].sum(0) for name, idx in self.outputs}
-
-
-def plan_stems(
-    sources: Sequence[str], *, stems: Sequence[str] | None = None, two_stems: str | None = None
-) -> StemPlan:
-    """Build a :class:`StemPlan` from a model's sources and the user's choice.
-
-    ``two_stems="vocals"`` gives ``vocals`` and ``no_vocals`` (the sum of every other source), as the
-    demucs CLI does. ``stems`` keeps a subset, in the order given. Unknown names raise ``ValueError``.
-    """
-    sources = tuple(sources)
-    if stems and two_stems:
-        raise ValueError("choose either stems or two_stems, not both")
-    if two_stems is not None:
-        if two_stems not in sources:
-            raise ValueError(f"two_stems={two_stems!r} is not a source of this model: {', '.join(sources)}")
-        i = sources.index(two_stems)
-        rest = tuple(j for j in range(len(sources)) if j != i)
-        return StemPlan(((two_stems, (i,)), (f"no_{two_stems}", rest)))
-    if stems:
-        unknown = [s for s in stems if s not in sources]
-        if unknown:
-            raise ValueError(f"unknown stems {unknown}; this model returns: {', '.join(sources)}")
-        return StemPlan(tuple((s, (sources.index(s),)) for s in dict.fromkeys(stems)))
-    return StemPlan(tuple((s, (i,)) for i, s in enumerate(sources)))
-
-
-class TrackError(RuntimeError):
-    """Separating one track failed; ``stage`` is read, decode, separate, encode, presence or write."""
-
-    def __init__(self, source: str, stage: str, cause: BaseException) -> None:
-        super().__init__(f"{source}: {stage} failed: {type(cause).__name__}: {cause}")
-        self.source = source
-        self.stage = stage
-        self.cause = cause
-
-    def __reduce__(self):  # picklable across Ray processes despite the custom __init__
-        return (type(self), (self.source, self.stage, self.cause))
-
-    @property
-    def error_type(self) -> str:
-        return type(self.cause).__name__
-
-
-@dataclass(frozen=True)
-class TrackResult:
-    """What :func:`separate_track` wrote for one source."""
-
-    source: str
-    stems: dict[str, str]  # stem name -> final URI
-    duration_s: float  # at the model's rate
-    source_sample_rate: int
-    source_channels: int
-    elapsed_s: float
-    decoder: str = ""
-    num_frames: int = 0  # output frames per stem, at the model's rate
-    rms_dbfs: dict[str, float] = field(default_factory=dict)  # per stem, as written (before clip handling)
-    presence: dict = field(default_factory=dict)  # stem -> demix.pipeline.engine.presence.Presence (when a detector ran)
-
-
-def _stage_of(err: BaseException, default: str) -> str:
-    from demix.pipeline.io.audio import AudioError
-    from demix.pipeline.io.storage import StorageError
-
-    if isinstance(err, (AudioError, StorageError)):
-        return err.stage
-    return default
-
-
-def separate_track(
-    model: Separator,
-    source: str,
-    outputs: dict[str, str],
-    *,
-    plan: StemPlan,
-    encoding,
-    settings: SeparationSettings = SeparationSettings(),
-    block_seconds: float = 30.0,
-    progress: Callable[[float], None] | None = None,
-    presence=None,
-) -> TrackResult:
-    """Decode ``source``, separate it chunk by chunk and write each stem in ``plan`` to ``outputs[stem]``.
-
-    Streams end to end: decoded audio, estimates and encoders see blocks of ``block_seconds``; a
-    remote source is first copied to a local temp file. Each stem is staged and committed to its
-    final URI only after the whole track succeeded, so a failure leaves no partial stem behind.
-
-    Args:
-        outputs: final URI for every stem name in ``plan``.
-        encoding: a :class:`demix.pipeline.io.audio.Encoding`.
-        progress: called with seconds of input processed after each block.
-        presence: a :class:`demix.pipeline.engine.presence.Detector`; frame features of every model source, every
-            summed stem and the mixture (the sum of the sources) are gathered while encoding, and
-            the detector's verdict per written stem lands in :attr:`TrackResult.presence`.
-
-    Raises:
-        TrackError: naming the source and the stage (read, decode, separate, encode, presence, write).
-    """
-    import time
-
-    from demix.pipeline.io.audio import AudioWriter, open_audio, stream_conformed
-    from demix.pipeline.io.storage import AtomicOutput, local_copy
-
-    missing = [s for s in plan.names if s not in outputs]
-    if missing:
-        raise ValueError(f"no output URI for stems {missing}")
-    started = time.perf_counter()
-    stage = "read"
-    try:
-        with local_copy(source) as path, AtomicOutput() as staged:
-            stage = "decode"
-            stats = None
-            if model.normalize_input:
-                with open_audio(path, name=source) as stream:
-                    stats = track_stats(
-                        stream_conformed(
-                            stream, target_rate=model.sample_rate, target_channels=model.audio_channels,
-                            block_seconds=block_seconds, source=source,
-                        )
-                    )
-            with open_audio(path, name=source) as stream, contextlib.ExitStack() as writers_open:
-                info = stream.info
-                stage = "encode"
-                # a writer leaving its ``with`` by an exception discards its output instead of encoding it
-                writers = {
-                    stem: writers_open.enter_context(
-                        AudioWriter(
-                            staged.path_for(outputs[stem]), sample_rate=model.sample_rate,
-                            channels=model.audio_channels, encoding=encoding, source=outputs[stem],
-                        )
-                    )
-                    for stem in plan.names
-                }
-                stage = "decode"
-                blocks = stream_conformed(
-                    stream, target_rate=model.sample_rate, target_channels=model.audio_channels,
-                    block_seconds=block_seconds, source=source,
-                )
-                frames = 0
-
-                energy = dict.fromkeys(plan.names, 0.0)
-                features = None
-                if presence is not None:
-                    from demix.pipeline.engine.presence import MIXTURE, FrameFeatures
-
-                    summed = tuple(n for n in plan.names if n not in model.sources)
-                    features = FrameFeatures((*model.sources, *summed, MIXTURE), model.sample_rate)
-
-                def encode(est: Tensor) -> None:
-                    stems = plan.apply(est)
-                    for stem, wav in stems.items():
-                        energy[stem] += float(wav.double().square().sum())
-                        writers[stem].write(wav)
-                    if features is not None:
-                        features.push(torch.cat([est, torch.stack([stems[n] for n in summed] + [est.sum(0)])]))
-
-                stage = "separate"
-                # decoding runs ahead and encoding runs behind in their own threads, so the model
-                # is not kept waiting on I/O (all three release the GIL in their heavy parts)
-                with _Prefetch(_counting(blocks, progress, model.sample_rate), depth=2) as ahead, _Behind(encode) as behind:
-                    for est in separate_stream(model, ahead, settings, stats=stats):
-                        frames += est.shape[-1]
-                        behind.submit(est)
-                stage = "encode"
-            verdict = {}
-            if features is not None:
-                stage = "presence"
-                verdict = presence(features.finish(), plan.names)
-            stage = "write"
-            committed = staged.commit()
-    except TrackError:
-        raise
-    except Exception as err:  # noqa: BLE001 - every failure becomes one typed, staged error
-        raise TrackError(source, _stage_of(err, stage), err) from err
-    return TrackResult(
-        source=source,
-        stems=dict(zip(plan.names, committed)),
-        duration_s=frames / model.sample_rate,
-        source_sample_rate=info.sample_rate,
-        source_channels=info.channels,
-        elapsed_s=time.perf_counter() - started,
-        decoder=info.decoder,
-        num_frames=frames,
-        rms_dbfs={stem: _dbfs(e, frames * model.audio_channels) for stem, e in energy.items()},
-        presence=verdict,
-    )
-
-
-def _dbfs(energy: float, samples: int) -> float:
-    """RMS level in dBFS of a signal with total ``energy`` over ``samples`` samples (-inf if silent)."""
-    if samples == 0 or energy <= 0:
-        return float("-inf")
-    return 10.0 * math.log10(energy / samples)
-
-
-def _counting(blocks: Iterable[Tensor], progress: Callable[[float], None] | None, rate: int) -> Iterator[Tensor]:
-    for block in blocks:
-        yield block
-        if progress is not None:
-            progress(block.shape[-1] / rate)
-
-
-class _Raised:
-    def __init__(self, err: BaseException) -> None:
-        self.err = err
-
-
-_DONE = object()
-
-
-class _Prefetch:
-    """Iterate ``items`` in a worker thread, up to ``depth`` items ahead of the consumer.
-
-    An exception in the worker is re-raised in the consumer at the same position. Leaving the
-    ``with`` block stops the worker and waits for it, so the source can be closed safely after.
-    """
-
-    def __init__(self, items: Iterable, depth: int = 2) -> None:
-        self._items = items
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._work, name="demix-prefetch", daemon=True)
-
-    def _put(self, item) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.05)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _work(self) -> None:
-        try:
-            for item in self._items:
-                if not self._put(item):
-                    return
-            self._put(_DONE)
-        except BaseException as err:  # noqa: BLE001 - handed to the consumer
-            self._put(_Raised(err))
-
-    def __iter__(self) -> Iterator:
-        while True:
-            item = self._queue.get()
-            if item is _DONE:
-                return
-            if isinstance(item, _Raised):
-                raise item.err
-            yield item
-
-    def __enter__(self) -> _Prefetch:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        while self._thread.is_alive():
-            with contextlib.suppress(queue.Empty):
-                self._queue.get(timeout=0.05)
-        self._thread.join()
-
-
-class _Behind:
-    """Apply ``fn`` to submitted items in order, in a worker thread, at most ``depth`` behind.
-
-    The first exception in ``fn`` is re-raised by the next :meth:`submit` or on leaving the block.
-    """
-
-    def __init__(self, fn: Callable, depth: int = 2) -> None:
-        self._fn = fn
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._work, name="demix-encode", daemon=True)
-
-    def _work(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is _DONE:
-                return
-            if self._error is None:
-                try:
-                    self._fn(item)
-                except BaseException as err:  # noqa: BLE001 - re-raised by the producer
-                    self._error = err
-
-    def submit(self, item) -> None:
-        if self._error is not None:
-            raise self._error
-        self._queue.put(item)
-
-    def __enter__(self) -> _Behind:
-        self._thread.start()
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        self._queue.put(_DONE)
-        self._thread.join()
-        if exc_type is None and self._error is not None:
-            raise self._error

@@ -1,13 +1,4 @@
-"""Multitrack datasets in the MUSDB18-HQ folder layout, and a training sampler with Demucs-style augmentation.
-
-Layout (MUSDB18-HQ, and what :mod:`demix.pipeline.data.synth` writes)::
-
-    ROOT/<track name>/{mixture,vocals,drums,bass,other}.wav     one folder per track
-    ROOT/truth.json                                             optional: {track: {stem: present}}
-
-MUSDB18-HQ itself ships ``train/`` and ``test/`` folders of that shape: pass ``subset="train"`` or
-``"test"`` with the top folder, or give the subset folder as ``root``. Track names are folder names
-as they are (MUSDB18-HQ's have spaces, apostrophes and ampersands). ``.flac`` files are read too.
+"""Training examples from a :class:`~demix.pipeline.data.musdb.MusdbDataset`, with Demucs-style augmentation.
 
 Shapes: audio is ``(channels, time)``; a training example is ``mixture: (2, time)`` and
 ``stems: (sources, 2, time)``; a batch adds a leading ``batch`` dimension.
@@ -21,254 +12,15 @@ and the stream does not depend on how many DataLoader workers produce it.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
-import soundfile as sf
 import torch
 from torch import Tensor
 
-STEMS = ("vocals", "drums", "bass", "other")
-MIXTURE = "mixture"
-AUDIO_EXTENSIONS = (".wav", ".flac")
-"""Extensions looked for, in order, for every ``<stem>`` file of a track."""
-
-SILENCE_DB = -60.0
-"""An excerpt whose mean power is below this (dB re full scale, i.e. RMS < 0.001) counts as silent."""
-
-
-def is_silent(audio: Tensor | np.ndarray, threshold_db: float = SILENCE_DB) -> bool:
-    """True when the mean power of ``audio`` (any shape) is below ``threshold_db`` dBFS, or it is empty."""
-    data = audio.detach().cpu().numpy() if isinstance(audio, Tensor) else np.asarray(audio)
-    if data.size == 0:
-        return True
-    return float(np.mean(np.square(data, dtype=np.float64))) < 10.0 ** (threshold_db / 10.0)
-
-
-@dataclass(frozen=True)
-class TrackInfo:
-    """One track folder.
-
-    Attributes:
-        name: folder name (the track's name).
-        path: the folder.
-        sample_rate: rate of every file in the folder, in Hz.
-        frames: length of every file, in samples per channel.
-        stems: stem names the dataset reads (the mixture is always there as well).
-        present: ``{stem: bool}`` from ``truth.json`` when it lists the track, else ``None``.
-        channels: channels of every file (1 or 2 for training).
-        files: ``{stem or "mixture": file}``.
-    """
-
-    name: str
-    path: Path
-    sample_rate: int
-    frames: int
-    stems: tuple[str, ...]
-    present: dict[str, bool] | None
-    channels: int = 2
-    files: dict[str, Path] | None = None
-
-    @property
-    def duration(self) -> float:
-        """Length in seconds."""
-        return self.frames / self.sample_rate
-
-
-def _find_audio(folder: Path, key: str) -> Path | None:
-    for ext in AUDIO_EXTENSIONS:
-        path = folder / f"{key}{ext}"
-        if path.is_file():
-            return path
-    return None
-
-
-def _subdirs(folder: Path) -> list[Path]:
-    return sorted((p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.name)
-
-
-class MusdbDataset:
-    """Reader for a folder of multitrack songs in the MUSDB18-HQ layout.
-
-    Args:
-        root: folder holding the track folders, or MUSDB18-HQ's top folder (with ``train/`` and
-            ``test/``) together with ``subset``.
-        subset: sub-folder of ``root`` to read (``"train"`` or ``"test"`` for MUSDB18-HQ).
-        stems: stems every track must have, besides ``mixture``.
-
-    Every track folder is checked once, here: each stem file and the mixture must exist, be
-    readable and share sample rate, channels and length. All problems are reported together in
-    one ``ValueError`` naming each broken track.
-
-    Attributes:
-        root: the folder the tracks are in.
-        stems: the stems read.
-        tracks: one :class:`TrackInfo` per track, sorted by name.
-    """
-
-    def __init__(self, root: str | Path, *, subset: str | None = None, stems: Sequence[str] = STEMS) -> None:
-        top = Path(root).expanduser()
-        if not top.is_dir():
-            raise ValueError(f"dataset folder not found: {top}")
-        if isinstance(stems, str) or not stems or len(set(stems)) != len(stems):
-            raise ValueError(f"Expected stems to be a non-empty sequence of unique names. Found: {stems!r}")
-        if MIXTURE in stems:
-            raise ValueError(f"{MIXTURE!r} is read with every track; do not list it in stems")
-        folder = top
-        if subset is not None:
-            folder = top / subset
-            if not folder.is_dir():
-                found = ", ".join(p.name for p in _subdirs(top)[:10]) or "none"
-                raise ValueError(f"dataset {top} has no subset folder {subset!r} (sub-folders: {found})")
-        candidates = _subdirs(folder)
-        if subset is None and candidates and all(_find_audio(p, MIXTURE) is None for p in candidates):
-            splits = [p.name for p in candidates if p.name in ("train", "test")]
-            if splits:
-                raise ValueError(
-                    f"{top} looks like MUSDB18-HQ's top folder (it holds {' and '.join(splits)}/): pass "
-                    f"subset='train' or subset='test', or give {top / splits[0]} as the root"
-                )
-        if not candidates:
-            raise ValueError(f"dataset folder {folder} holds no track folders")
-        self.root = folder
-        self.stems = tuple(stems)
-        truth = self._read_truth(folder / "truth.json")
-        tracks, problems = [], []
-        for path in candidates:
-            try:
-                tracks.append(self._inspect(path, truth.get(path.name)))
-            except ValueError as err:
-                problems.append(str(err))
-        if problems:
-            listed = "\n  ".join(problems)
-            raise ValueError(f"dataset {folder}: {len(problems)} of {len(candidates)} track folders are broken:\n  {listed}")
-        self.tracks: list[TrackInfo] = tracks
-        self._by_name = {t.name: i for i, t in enumerate(tracks)}
-
-    def _read_truth(self, path: Path) -> dict[str, dict[str, bool]]:
-        if not path.is_file():
-            return {}
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ValueError(f"cannot read {path}: {err}") from err
-        if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
-            raise ValueError(f"{path} must map track names to {{stem: bool}} objects")
-        return data
-
-    def _inspect(self, folder: Path, truth: dict[str, bool] | None) -> TrackInfo:
-        name = folder.name
-        files, infos, errors = {}, {}, []
-        for key in (MIXTURE, *self.stems):
-            path = _find_audio(folder, key)
-            if path is None:
-                errors.append(f"missing {key}{AUDIO_EXTENSIONS[0]}")
-                continue
-            try:
-                info = sf.info(str(path))
-            except Exception as err:  # noqa: BLE001 - soundfile raises several types; all mean unreadable
-                errors.append(f"cannot read {path.name}: {type(err).__name__}: {err}")
-                continue
-            files[key], infos[key] = path, info
-        if errors:
-            raise ValueError(f"track {name!r}: {'; '.join(errors)}")
-        ref = infos[MIXTURE]
-        for key, info in infos.items():
-            if info.samplerate != ref.samplerate:
-                errors.append(f"{files[key].name} is at {info.samplerate} Hz, the mixture at {ref.samplerate} Hz")
-            if info.frames != ref.frames:
-                errors.append(f"{files[key].name} has {info.frames} frames, the mixture {ref.frames}")
-            if info.channels != ref.channels:
-                errors.append(f"{files[key].name} has {info.channels} channels, the mixture {ref.channels}")
-        if ref.frames == 0:
-            errors.append("the mixture is empty")
-        if errors:
-            raise ValueError(f"track {name!r}: {'; '.join(errors)}")
-        present = None
-        if truth is not None:
-            present = {s: bool(truth[s]) for s in self.stems if s in truth}
-        return TrackInfo(
-            name=name, path=folder, sample_rate=int(ref.samplerate), frames=int(ref.frames), stems=self.stems,
-            present=present, channels=int(ref.channels), files=files,
-        )
-
-    def __len__(self) -> int:
-        return len(self.tracks)
-
-    def __repr__(self) -> str:
-        return f"MusdbDataset({str(self.root)!r}, tracks={len(self)}, stems={self.stems})"
-
-    def index(self, i_or_name: int | str) -> int:
-        """Position of a track given its position or its name; ``ValueError`` when there is none."""
-        if isinstance(i_or_name, str):
-            try:
-                return self._by_name[i_or_name]
-            except KeyError:
-                raise ValueError(f"no track named {i_or_name!r} in {self.root}") from None
-        i = int(i_or_name)
-        if not -len(self) <= i < len(self):
-            raise ValueError(f"track index {i} out of range for {len(self)} tracks")
-        return i % len(self)
-
-    def load(
-        self,
-        i_or_name: int | str,
-        *,
-        start: int = 0,
-        frames: int | None = None,
-        keys: Sequence[str] | None = None,
-    ) -> dict[str, np.ndarray]:
-        """Read ``frames`` samples from ``start`` of a track's files (only that slice is read).
-
-        Args:
-            i_or_name: track position or name.
-            start: first sample, ``0 <= start <= track.frames``.
-            frames: samples to read, ``None`` for the rest of the track; ``start + frames`` must not
-                pass the end.
-            keys: which files, among the stems and ``"mixture"``; default all of them.
-
-        Returns:
-            ``{stem or "mixture": (channels, frames) float32}``.
-        """
-        track = self.tracks[self.index(i_or_name)]
-        if not 0 <= start <= track.frames:
-            raise ValueError(f"track {track.name!r}: start {start} outside 0..{track.frames}")
-        if frames is None:
-            frames = track.frames - start
-        if frames < 0 or start + frames > track.frames:
-            raise ValueError(f"track {track.name!r}: cannot read {frames} frames from {start}; it has {track.frames}")
-        keys = (MIXTURE, *self.stems) if keys is None else tuple(keys)
-        unknown = [k for k in keys if k not in track.files]
-        if unknown:
-            raise ValueError(f"unknown keys {unknown}; this dataset reads {(MIXTURE, *self.stems)}")
-        out = {}
-        for key in keys:
-            try:
-                data = sf.read(str(track.files[key]), start=start, frames=frames, dtype="float32", always_2d=True)[0]
-            except Exception as err:  # noqa: BLE001
-                raise ValueError(f"track {track.name!r}: cannot read {track.files[key].name}: {err}") from err
-            out[key] = np.ascontiguousarray(data.T)
-        return out
-
-    def split(self, valid_share: float, seed: int) -> tuple[list[int], list[int]]:
-        """Shuffle the track positions with ``seed`` and cut them into ``(train, valid)``, each sorted.
-
-        ``valid`` has ``round(valid_share * len)`` tracks, at least one, and ``train`` keeps at least one.
-        """
-        if not 0.0 < valid_share < 1.0:
-            raise ValueError(f"Expected 0 < valid_share < 1. Found: {valid_share}")
-        n = len(self)
-        n_valid = max(1, round(valid_share * n))
-        if n_valid >= n:
-            raise ValueError(
-                f"cannot hold out {valid_share:.0%} of {n} tracks for validation and keep one for training; "
-                "add tracks or pass a separate validation dataset"
-            )
-        order = np.random.default_rng(seed).permutation(n)
-        return sorted(int(i) for i in order[n_valid:]), sorted(int(i) for i in order[:n_valid])
+from demix.pipeline.data.musdb import MusdbDataset
+from demix.pipeline.stems import MIXTURE, QUIET_DBFS, STEMS, is_silent
 
 
 @dataclass(frozen=True)
@@ -439,7 +191,7 @@ class TrainingSampler(torch.utils.data.IterableDataset):
         for stem, data in audio.items():
             wav = torch.from_numpy(_to_stereo(data, f"track {info.name!r}"))
             if info.sample_rate != self.target_rate:
-                import torchaudio.functional as AF
+                import torchaudio.functional as AF  # lazy: heavy, and needed only when a track must be resampled
 
                 wav = AF.resample(wav, info.sample_rate, self.target_rate)
             n = wav.shape[-1]
@@ -461,7 +213,7 @@ class TrainingSampler(torch.utils.data.IterableDataset):
             track = int(choices[rng.integers(len(choices))])
             start = self._random_start(rng, track)
             audio, frames = self._excerpt(track, start, stems)
-            if not all(is_silent(a) for a in audio.values()):
+            if not all(is_silent(a, QUIET_DBFS) for a in audio.values()):
                 break
         return track, start, frames, audio
 
@@ -543,11 +295,10 @@ def fixed_excerpts(
         for key, data in audio.items():
             wav = torch.from_numpy(_to_stereo(data, f"track {info.name!r}"))
             if info.sample_rate != target_rate:
-                import torchaudio.functional as AF
+                import torchaudio.functional as AF  # lazy: heavy, and needed only when a track must be resampled
 
                 wav = AF.resample(wav, info.sample_rate, target_rate)
             wav = torch.nn.functional.pad(wav, (0, max(length - wav.shape[-1], 0)))[:, :length]
             wavs[key] = wav.contiguous()
         out.append((info.name, wavs[MIXTURE], torch.stack([wavs[s] for s in sources])))
     return out
-

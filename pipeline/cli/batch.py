@@ -1,0 +1,218 @@
+"""``demix run``, ``demix remix`` and ``demix export``: the catalog commands (Prefect flows on Ray).
+
+The flows are imported when their command runs, not at the top: importing Prefect takes seconds, and
+every other command (and ``--help``) would pay for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from tqdm import tqdm
+
+from demix.models.base import ModelLoadError
+from demix.models.registry import get_entry, model_options
+from demix.pipeline.batch.catalog import CatalogError
+from demix.pipeline.batch.export import ClipRule, ExportError, export_lyrics, export_transcription
+from demix.pipeline.batch.remix import RemixConfig, RemixError
+from demix.pipeline.cli.common import add_no_progress, fail, progress
+from demix.pipeline.engine import DETECTORS, SeparationSettings, plan_stems, settings_kwargs
+from demix.pipeline.io import Encoding, StorageError, encoding_kwargs
+
+
+def add_parsers(sub, common: argparse.ArgumentParser) -> None:
+    _add_run(sub, common)
+    _add_remix(sub)
+    _add_export(sub)
+
+
+def _add_run(sub, common: argparse.ArgumentParser) -> None:
+    run = sub.add_parser(
+        "run",
+        parents=[common],
+        help="separate a whole catalog with the Prefect flow on Ray (exactly once, resumable)",
+        description=(
+            "Run the separate-catalog flow: plan -> execute on a Ray actor pool -> commit per shard -> report. "
+            "Writes OUT/stems/<track_id>/<stem>.<ext> and OUT/manifests/{tracks,stems,failures}.parquet. "
+            "A rerun skips tracks already committed with the same model and settings. Storage credentials and "
+            "endpoints come from the standard AWS environment (AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, ~/.aws/...). "
+            "Exit status 1 when any track failed."
+        ),
+    )
+    run.add_argument("catalog", metavar="CATALOG", help="folder, glob, fsspec URI, or CSV/Parquet file with a 'uri' column (optional 'track_id')")
+    run.add_argument("-o", "--out", required=True, metavar="OUT_URI", help="output root: a local path or s3://bucket/prefix")
+    run.add_argument("--workers", type=int, help="CPU actors when the cluster has no GPU (default: 1); with GPUs, one actor per GPU")
+    run.add_argument("--ray-address", metavar="ADDR", help="join this Ray cluster (default: start a local instance)")
+    run.add_argument("--shard-size", type=int, default=16, help="tracks per commit (default: 16)")
+    run.add_argument("--force", action="store_true", help="redo tracks already committed")
+    run.add_argument(
+        "--presence", choices=DETECTORS, default="combined",
+        help="stem presence detector filling present/presence_score/active_segments (default: combined = the shipped "
+        "'presence' classifier and the energy detector must agree; classifier or energy alone; none: leave the columns null)",
+    )
+    run.set_defaults(handler=cmd_run)
+
+
+def _quiet_prefect() -> None:
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+def _check_run(args: argparse.Namespace) -> None:
+    """Everything cheap to validate before Prefect and Ray start (raises ValueError or ModelLoadError)."""
+    Encoding(**encoding_kwargs(args))
+    SeparationSettings(**settings_kwargs(args))
+    entry = get_entry(args.model)
+    if entry.kind != "separator":
+        raise ValueError(f"{args.model!r} is a {entry.kind} model, not a separation model")
+    plan_stems(entry.sources, stems=args.stems, two_stems=args.two_stems)
+    if args.device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"--device for `demix run` is auto, cpu or cuda (one actor per GPU). Found: {args.device}")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    _quiet_prefect()
+    try:
+        _check_run(args)
+    except (ValueError, ModelLoadError) as err:
+        return fail(err)
+    from demix.flows.separate_catalog import separate_catalog  # lazy: Prefect takes seconds to import
+
+    try:
+        summary = separate_catalog(
+            catalog=args.catalog, out=args.out, model=args.model, weights=args.weights,
+            weights_sha256=args.weights_sha256, model_options=model_options(args) or None,
+            settings=settings_kwargs(args), encoding=encoding_kwargs(args), stems=args.stems,
+            two_stems=args.two_stems, workers_count=args.workers, device=args.device,
+            ray_address=args.ray_address, shard_size=args.shard_size, force=args.force,
+            progress=not args.no_progress, presence=args.presence,
+        )
+    except (CatalogError, StorageError, ModelLoadError) as err:
+        return fail(err)
+    except Exception as err:  # noqa: BLE001 - the flow's own failure (Ray, Prefect): one line, not a traceback
+        return fail(f"the run failed: {type(err).__name__}: {err} (rerun to resume; committed tracks are kept)")
+    print_run_summary(summary, args.out if "://" in args.out else os.path.abspath(args.out))
+    return 1 if summary["failed_now"] else 0
+
+
+def print_run_summary(summary: dict, out: str) -> None:
+    """One screen: counts, speed, where things are, and each failure on one line."""
+    print(
+        f"demix run: {summary['catalog_tracks']} tracks in catalog, {summary['skipped_already_committed']} already done, "
+        f"{summary['ok_now']} separated, {summary['failed_now']} failed"
+    )
+    print(
+        f"  audio: {summary['audio_seconds_now']:.1f} s in {summary['wall_seconds_now']:.1f} s "
+        f"({summary['realtime_factor_now']:.2f}x real time); committed in total: {summary['committed_ok_total']} ok, "
+        f"{summary['committed_failed_total']} failed, {summary['hours_of_audio_total']:.3f} h of audio"
+    )
+    if summary.get("presence"):
+        judged = ", ".join(f"{stem} {c['present']}/{c['tracks']}" for stem, c in summary["presence"].items())
+        print(f"  stems present (committed): {judged}")
+    print(f"  stem audio: {out.rstrip('/')}/stems/<track_id>/<stem>.<ext>")
+    for kind, uri in summary["manifests"].items():
+        print(f"  {kind + ' manifest:':<18} {uri}")
+    for f in summary["failures"]:
+        print(f"  failed [{f['stage']}] {f['source_uri']}: {f['error_type']}: {f['message'][:160]}")
+
+
+def _add_remix(sub) -> None:
+    rx = sub.add_parser(
+        "remix",
+        help="build a remixed training set from a committed run (absent stems filled from other tracks)",
+        description=(
+            "Demucs-style unlabeled-data remixing. For a track where stem S is absent (per the run's presence "
+            "columns), keep its other stems and add S from a track where it is present (tempo-closest of a few "
+            "candidates, its longest active part looped in whole bars), with random gains; the mixture is the exact "
+            "sum of the stems. Writes a MUSDB-layout dataset OUT/<split>/<example>/{mixture,vocals,drums,bass,other}.wav "
+            "(32-bit float WAV; `demix train OUT/train` reads it), OUT/<split>/truth.json and "
+            "OUT/manifests/remixes.parquet with lineage. Deterministic per seed; exactly once and resumable "
+            "(rerun the same command); runs as a Prefect flow on Ray."
+        ),
+    )
+    rx.add_argument("run", metavar="RUN_URI", help="output root of a committed `demix run` (with presence)")
+    rx.add_argument("-o", "--out", required=True, metavar="OUT_URI", help="dataset root: a local path or s3://bucket/prefix")
+    rx.add_argument("--examples", type=int, required=True, help="number of examples")
+    rx.add_argument("--seed", type=int, default=0, help="(default: 0)")
+    rx.add_argument("--seconds", type=float, help="example length (default: the recipient track's whole length)")
+    rx.add_argument("--gain-db", type=float, nargs=2, default=(-3.0, 3.0), metavar=("LOW", "HIGH"), help="random gain range per stem (default: -3 3)")
+    rx.add_argument("--split", default="train", help="dataset folder name (default: train)")
+    rx.add_argument("--workers", type=int, help="CPU actors (default: 1)")
+    rx.add_argument("--ray-address", metavar="ADDR", help="join this Ray cluster (default: start a local instance)")
+    rx.add_argument("--shard-size", type=int, default=32, help="examples per commit (default: 32)")
+    add_no_progress(rx)
+    rx.set_defaults(handler=cmd_remix)
+
+
+def cmd_remix(args: argparse.Namespace) -> int:
+    _quiet_prefect()
+    try:
+        RemixConfig(examples=args.examples, seed=args.seed, seconds=args.seconds, gain_db=tuple(args.gain_db), split=args.split)
+        if args.shard_size < 1:
+            raise ValueError(f"--shard-size must be >= 1. Found: {args.shard_size}")
+    except ValueError as err:
+        return fail(err)
+    from demix.flows.build_remix_dataset import build_remix_dataset  # lazy: Prefect takes seconds to import
+
+    try:
+        summary = build_remix_dataset(
+            run_uri=args.run, out=args.out, examples=args.examples, seed=args.seed, seconds=args.seconds,
+            gain_db=tuple(args.gain_db), split=args.split, workers_count=args.workers, ray_address=args.ray_address,
+            shard_size=args.shard_size, progress=not args.no_progress,
+        )
+    except (RemixError, StorageError) as err:
+        return fail(err)
+    except Exception as err:  # noqa: BLE001 - the flow's own failure: one line, not a traceback
+        return fail(f"the remix run failed: {type(err).__name__}: {err} (rerun to resume; committed examples are kept)")
+    print_remix_summary(summary)
+    return 1 if summary["failed_now"] else 0
+
+
+def print_remix_summary(summary: dict) -> None:
+    print(
+        f"demix remix: {summary['examples_planned']} examples planned, {summary['skipped_already_committed']} already done, "
+        f"{summary['built_now']} built, {summary['failed_now']} failed; {summary['committed_total']} committed "
+        f"({', '.join(f'{k}: {v}' for k, v in sorted(summary['by_target_stem'].items()))})"
+    )
+    print(f"  dataset: {summary['dataset']}  (demix train {summary['dataset']} ...)")
+    for kind, uri in summary["manifests"].items():
+        print(f"  {kind + ':':<10} {uri}")
+    for f in summary["failures"]:
+        print(f"  failed [{f['stage']}] {f['track_id']}: {f['error_type']}: {f['message'][:160]}")
+
+
+def _add_export(sub) -> None:
+    ex = sub.add_parser(
+        "export",
+        help="export a committed run for lyrics or transcription jobs (Parquet manifests)",
+        description=(
+            "--task lyrics: cut every present vocal stem into clips along its active segments (3-30 s; neighbours "
+            "within 1 s joined, long parts split) written as FLAC under OUT/clips/<track_id>/, listed in "
+            "OUT/lyrics.parquet (clip_uri, track_id, source_uri, stem, stem_uri, start_s, end_s, ...). "
+            "--task transcription: OUT/transcription.parquet, one row per present bass/other/vocals stem with its "
+            "URI and active segments. Plain Parquet for pandas, DuckDB and Hugging Face datasets."
+        ),
+    )
+    ex.add_argument("--task", required=True, choices=("lyrics", "transcription"))
+    ex.add_argument("run", metavar="RUN_URI", help="output root of a committed `demix run`")
+    ex.add_argument("-o", "--out", required=True, metavar="OUT_URI")
+    ex.add_argument("--min-seconds", type=float, default=3.0, help="lyrics: shortest clip (default: 3)")
+    ex.add_argument("--max-seconds", type=float, default=30.0, help="lyrics: longest clip (default: 30)")
+    add_no_progress(ex)
+    ex.set_defaults(handler=cmd_export)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    try:
+        if args.task == "lyrics":
+            rule = ClipRule(min_s=args.min_seconds, max_s=args.max_seconds)
+            with tqdm(unit="stem", disable=args.no_progress) as bar:
+                uri, n = export_lyrics(args.run, args.out, rule=rule, progress=progress(bar))
+            print(f"demix export: {n} vocal clips; manifest {uri}")
+        else:
+            uri, n = export_transcription(args.run, args.out)
+            print(f"demix export: {n} present bass/other/vocals stems; manifest {uri}")
+    except (ExportError, StorageError, ValueError) as err:
+        return fail(err)
+    return 0
