@@ -9,17 +9,16 @@ already committed. Storage credentials come from the standard AWS environment, n
 
 from __future__ import annotations
 
-import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
-from tqdm import tqdm
 
-from demix.flows.separate_catalog import retryable  # the same permanent errors (RemixError is a ValueError)
+from demix.flows.separate_catalog import Console, LazyBar, retryable, start_pool, stopped  # retryable: RemixError is a ValueError
 from demix.pipeline.batch import manifest, remix, report as reports, workers
 from demix.pipeline.io import join, output_root
 
@@ -51,14 +50,16 @@ def commit(out: str, shard_id: str, rows: list[dict], failures: list[manifest.Fa
 
 
 @task(cache_policy=NO_CACHE)
-def execute(the_plan: RemixPlan, out: str, n_workers: int | None, ray_address: str | None, progress: bool) -> dict:
+def execute(the_plan: RemixPlan, out: str, n_workers: int | None, ray_address: str | None, progress: bool, console: Console) -> dict:
     """Build every pending example on the Ray actor pool, committing each shard as it completes."""
-    workers.init_ray(ray_address)
-    get_run_logger().info("remix: %d examples to build in %d shards", sum(len(r) for _, r in the_plan.shards), len(the_plan.shards))
-    stats = {"ok": 0, "failed": 0, "commits": 0}
-    started = time.perf_counter()
     total = sum(len(r) for _, r in the_plan.shards)
-    with tqdm(total=total, unit="example", disable=not progress, file=sys.stderr, dynamic_ncols=True) as bar:
+    stats = {"ok": 0, "failed": 0, "commits": 0, "wall_s": 0.0}
+    if console.should_stop() or not total:
+        return stopped(console, stats, total)
+    start_pool(console, ray_address, n_workers, "cpu")
+    get_run_logger().info("remix: %d examples to build in %d shards", total, len(the_plan.shards))
+    started = time.perf_counter()
+    with LazyBar(console, total=total, unit="example", disable=not progress) as bar:
 
         def on_example(ok: bool) -> None:
             stats["ok" if ok else "failed"] += 1
@@ -68,9 +69,11 @@ def execute(the_plan: RemixPlan, out: str, n_workers: int | None, ray_address: s
             commit(out, shard_id, rows, failures)
             stats["commits"] += 1
 
-        workers.run_remix_shards(the_plan.shards, workers=n_workers, on_shard=on_shard, on_example=on_example)
+        workers.run_remix_shards(
+            the_plan.shards, workers=n_workers, on_shard=on_shard, on_example=on_example, should_stop=console.should_stop
+        )
     stats["wall_s"] = time.perf_counter() - started
-    return stats
+    return stopped(console, stats, total)
 
 
 @task(retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retryable, cache_policy=NO_CACHE)
@@ -101,12 +104,19 @@ def build_remix_dataset(
     ray_address: str | None = None,
     shard_size: int = 32,
     progress: bool = True,
+    should_stop: Callable[[], bool] | None = None,
+    status: Callable[[str | None], None] | None = None,
+    verbose: bool = True,
 ) -> dict:
-    """Build ``examples`` remixed examples from the committed separation run at ``run_uri`` into ``out``."""
+    """Build ``examples`` remixed examples from the committed separation run at ``run_uri`` into ``out``.
+
+    ``should_stop``, ``status`` and ``verbose`` as in :func:`demix.flows.separate_catalog.separate_catalog`."""
+    console = Console(status, should_stop, verbose)
     config = remix.RemixConfig(examples=examples, seed=seed, seconds=seconds, gain_db=tuple(gain_db), split=split)
     run_uri, out = output_root(run_uri), output_root(out)
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1. Found: {shard_size}")
+    console.status("planning: reading the run's manifests and the committed examples")
     the_plan = plan(run_uri, out, config, shard_size)
-    stats = execute(the_plan, out, workers_count, ray_address, progress)
+    stats = execute(the_plan, out, workers_count, ray_address, progress, console)
     return report(out, config.split, the_plan, stats)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from prefect import flow, get_run_logger, task
@@ -19,10 +20,9 @@ from tqdm import tqdm
 
 from demix.models import ModelLoadError
 from demix.pipeline.batch import catalog as cat
-from demix.pipeline.batch import manifest, report as reports, workers
+from demix.pipeline.batch import manifest, preflight, report as reports, workers
 from demix.pipeline.batch.run import RunSpec
-from demix.pipeline.engine import SeparationSettings
-from demix.pipeline.io import Encoding, StorageError, output_root
+from demix.pipeline.io import StorageError, output_root
 
 
 @dataclass(frozen=True)
@@ -49,15 +49,9 @@ def retryable(task, task_run, state) -> bool:
 @task(retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retryable, cache_policy=NO_CACHE)
 def plan(catalog: str, spec: RunSpec, shard_size: int, force: bool) -> Plan:
     """Read the catalog, drop tracks already committed for the same settings, cut the rest into shards."""
-    model = spec.load(device="cpu")  # resolves and verifies the weights once, for the settings hash
-    digest = getattr(model, "weights_sha256", None)
-    settings_hash = spec.settings_hash(digest, spec.load_presence(model).weights_sha256)
-    tracks = cat.read_catalog(catalog)
-    done = set() if force else manifest.committed_ok(spec.out, settings_hash)
-    pending = [t for t in tracks if t.track_id not in done]
-    run_id = uuid.uuid4().hex
-    shards = cat.make_shards(pending, shard_size, run_id=run_id)
-    return Plan(shards, len(tracks), len(tracks) - len(pending), settings_hash, digest)
+    todo = preflight.pending_tracks(catalog, spec, force)
+    shards = cat.make_shards(todo.pending, shard_size, run_id=uuid.uuid4().hex)
+    return Plan(shards, len(todo.tracks), todo.skipped, todo.settings_hash, todo.model_sha256)
 
 
 @task(retries=3, retry_delay_seconds=[1, 5, 15], retry_condition_fn=retryable, cache_policy=NO_CACHE)
@@ -66,19 +60,71 @@ def commit(out: str, result: manifest.ShardResult) -> manifest.Commit:
     return manifest.commit_shard(out, result)
 
 
+class Console:
+    """What the flows tell the terminal, when a caller (the CLI) asks for it: ``status(text)`` shows a
+    start-up phase (``None``: the progress bar takes over), ``should_stop()`` asks to stop taking
+    work (Ctrl-C), ``verbose`` lets Ray's own output through."""
+
+    def __init__(self, status=None, should_stop=None, verbose: bool = True) -> None:
+        self.status: Callable[[str | None], None] = status or (lambda text: None)
+        self.should_stop: Callable[[], bool] = should_stop or (lambda: False)
+        self.verbose = verbose
+
+
+def start_pool(console: Console, ray_address: str | None, n_workers: int | None, device: str) -> workers.Resources:
+    """Start (or join) Ray and size the actor pool, telling ``console`` what is happening."""
+    console.status("starting Ray")
+    workers.init_ray(ray_address, verbose=console.verbose)
+    resources = workers.plan_resources(n_workers, device)
+    console.status(f"starting {resources.actors} worker(s) on {resources.device}; waiting for the first result")
+    get_run_logger().info("actor pool: %s", resources)
+    return resources
+
+
+class LazyBar:
+    """A tqdm bar on stderr drawn from its first update on (until then the console's status line
+    shows the start-up phase, which it ends)."""
+
+    def __init__(self, console: Console, **kwargs) -> None:
+        self.console, self.kwargs, self.bar = console, kwargs, None
+
+    def update(self, n: int) -> None:
+        if self.bar is None:
+            self.console.status(None)
+            self.bar = tqdm(file=sys.stderr, dynamic_ncols=True, **self.kwargs)
+        self.bar.update(n)
+
+    def __enter__(self) -> LazyBar:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.console.status(None)
+        if self.bar is not None:
+            self.bar.close()
+
+
+def stopped(console: Console, stats: dict, total: int) -> dict:
+    """Mark ``stats`` interrupted when ``console`` asked to stop before ``total`` units were back,
+    and shut Ray down then: abandoned actors stop at once."""
+    stats["interrupted"] = console.should_stop() and stats["ok"] + stats["failed"] < total
+    if stats["interrupted"]:
+        workers.shutdown_ray(abandoned=True)
+    return stats
+
+
 @task(cache_policy=NO_CACHE)
 def execute(
-    the_plan: Plan, spec: RunSpec, n_workers: int | None, device: str, ray_address: str | None, progress: bool
+    the_plan: Plan, spec: RunSpec, n_workers: int | None, device: str, ray_address: str | None, progress: bool,
+    console: Console,
 ) -> dict:
     """Run every pending track through the Ray actor pool, committing each shard as it completes."""
-    logger = get_run_logger()
-    workers.init_ray(ray_address)
-    resources = workers.plan_resources(n_workers, device)
-    logger.info("actor pool: %s", resources)
     total = sum(len(s.tracks) for s in the_plan.shards)
-    stats = {"ok": 0, "failed": 0, "audio_s": 0.0, "commits": 0, "lost_commits": 0}
+    stats = {"ok": 0, "failed": 0, "audio_s": 0.0, "commits": 0, "lost_commits": 0, "wall_s": 0.0}
+    if console.should_stop() or not total:
+        return stopped(console, stats, total)
+    resources = start_pool(console, ray_address, n_workers, device)
     started = time.perf_counter()
-    bar = tqdm(total=total, unit="track", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    bar = LazyBar(console, total=total, unit="track", disable=not progress)
 
     def on_track(row: manifest.TrackRow) -> None:
         stats[row.status] += 1
@@ -93,10 +139,11 @@ def execute(
 
     with bar:
         workers.run_shards(
-            the_plan.shards, spec, the_plan.settings_hash, resources=resources, on_shard=on_shard, on_track=on_track
+            the_plan.shards, spec, the_plan.settings_hash, resources=resources, on_shard=on_shard, on_track=on_track,
+            should_stop=console.should_stop,
         )
     stats["wall_s"] = time.perf_counter() - started
-    return stats
+    return stopped(console, stats, total)
 
 
 @task(retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retryable, cache_policy=NO_CACHE)
@@ -117,6 +164,7 @@ def separate_catalog(
     model: str = "unet",
     weights: str | None = None,
     weights_sha256: str | None = None,
+    trust_weights: bool = False,
     model_options: dict | None = None,
     settings: dict | None = None,
     encoding: dict | None = None,
@@ -130,16 +178,23 @@ def separate_catalog(
     progress: bool = True,
     registry_module: str | None = None,
     presence: str = "combined",
+    should_stop: Callable[[], bool] | None = None,
+    status: Callable[[str | None], None] | None = None,
+    verbose: bool = True,
 ) -> dict:
-    """Separate every track of ``catalog`` into ``out``: exactly once, resumable, with a report."""
-    out = output_root(out)
-    spec = RunSpec(
-        out=out, model=model, weights=weights, weights_sha256=weights_sha256,
-        model_options=tuple(sorted((model_options or {}).items())),
-        settings=SeparationSettings(**{**(settings or {}), "device": "cpu"}), encoding=Encoding(**(encoding or {})),
-        stems=tuple(stems) if stems else None, two_stems=two_stems, registry_module=registry_module,
+    """Separate every track of ``catalog`` into ``out``: exactly once, resumable, with a report.
+
+    ``should_stop`` (Ctrl-C in the CLI): once true, no more results are taken or shards committed,
+    unfinished shards are abandoned, Ray is shut down, and the summary says ``interrupted``.
+    ``status`` receives start-up phases; ``verbose=False`` keeps Ray's chatter off the terminal."""
+    console = Console(status, should_stop, verbose)
+    spec = preflight.run_spec(
+        output_root(out), model, weights=weights, weights_sha256=weights_sha256, trust_weights=trust_weights,
+        model_options=model_options,
+        settings=settings, encoding=encoding, stems=stems, two_stems=two_stems, registry_module=registry_module,
         presence=presence,
     )
+    console.status("planning: reading the catalog and the committed manifests")
     the_plan = plan(catalog, spec, shard_size, force)
-    stats = execute(the_plan, spec, workers_count, device, ray_address, progress)
+    stats = execute(the_plan, spec, workers_count, device, ray_address, progress, console)
     return report(spec.out, the_plan, stats)

@@ -90,6 +90,7 @@ def load_model(
     device: str | torch.device = "cpu",
     pretrained: bool = True,
     kind: str = "separator",
+    trust: bool = False,
     **options,
 ) -> Separator:
     """Build the model ``name``, load its weights strictly and return it in eval mode on ``device``.
@@ -97,8 +98,9 @@ def load_model(
     Args:
         name: registry key.
         weights: path or URI overriding the entry's ``weights_uri`` (air-gapped clusters pass the
-            published file from their own storage). Checked against ``sha256`` when given, else
-            against the entry's hash when the file is the entry's own, else recorded.
+            published file from their own storage). It needs a checksum: ``sha256`` when given, else
+            the entry's sha256 when the file matches it, else a ``-<sha8>`` in its name; else only
+            ``trust`` loads it (see :func:`demix.models.weights.fetch_user_weights`).
         sha256: expected digest for ``weights``.
         device: where the returned model lives.
         pretrained: load the entry's published weights (default). ``False`` builds the network with
@@ -106,10 +108,12 @@ def load_model(
             options change the architecture). Ignored when ``weights`` is given.
         kind: the kind of model the caller needs (``separator`` or ``presence``); an entry of
             another kind is refused with a ``ModelLoadError``.
+        trust: load ``weights`` that no checksum verifies (``--trust-weights``).
         **options: model options (see :meth:`ModelEntry.options`); unknown ones are refused.
 
-    The returned module carries ``registry_name``, ``weights_uri`` (``None`` when untrained) and
-    ``weights_sha256`` for manifests.
+    The returned module carries ``registry_name``, ``weights_uri`` (``None`` when untrained),
+    ``weights_sha256`` for manifests and ``weights_verified_by`` (one of
+    :data:`demix.models.weights.VERIFIED_BY`, ``None`` when untrained).
     """
     entry = get_entry(name)
     if entry.kind != kind:
@@ -128,16 +132,35 @@ def load_model(
         raise ModelLoadError(f"cannot build model {name!r} with options {options}: {err}") from err
 
     uri = weights if weights is not None else (entry.weights_uri if pretrained else None)
-    digest = None
+    digest = how = None
     if uri is not None:
-        expected = sha256 if weights is not None else entry.sha256
-        path = _weights.fetch(uri, sha256=expected)
-        digest = _weights.sha256_file(path)
+        path, digest, how = resolve_weights(entry, weights, sha256=sha256, trust=trust)
         _weights.load_strict(model.weights_module(), _weights.read_state_dict(path), where=uri)
     model.registry_name = name
     model.weights_uri = uri
     model.weights_sha256 = digest
+    model.weights_verified_by = how
     return model.to(device).eval()
+
+
+def resolve_weights(
+    entry: ModelEntry | str, weights: str | None, *, sha256: str | None = None, trust: bool = False
+) -> tuple[Path, str, str]:
+    """Fetch and verify the weights :func:`load_model` would load: ``weights`` (the user's, needing a
+    checksum or ``trust``) or the entry's own. Returns ``(local path, sha256, verified_by)``; the CLI
+    calls it before Prefect or Ray start, so a refused file fails at once.
+
+    Raises:
+        ModelLoadError: unknown model, no weights to resolve, missing file, mismatch, or no checksum.
+    """
+    entry = get_entry(entry) if isinstance(entry, str) else entry
+    if weights is not None:
+        return _weights.fetch_user_weights(
+            weights, sha256=sha256, registry_sha256=entry.sha256, trust=trust, model=repr(entry.name)
+        )
+    if entry.weights_uri is None:
+        raise ModelLoadError(f"model {entry.name!r} has no published weights; pass --weights")
+    return _weights.fetch_registry_weights(entry.weights_uri, sha256=entry.sha256)
 
 
 def _unet(
@@ -247,10 +270,18 @@ DEFAULT_MODEL = "unet"
 
 def add_model_flags(parser) -> None:
     """The options that choose and load a separator (demucs' ``add_model_flags`` habit): ``--model``,
-    ``--weights``, ``--weights-sha256`` and the U-Net's ``--phase``. ``parser`` is a parser or an argument group."""
+    ``--weights``, ``--weights-sha256``, ``--trust-weights`` and the U-Net's ``--phase``. ``parser`` is a parser
+    or an argument group."""
     parser.add_argument("-m", "--model", default=DEFAULT_MODEL, help=f"registered model (default: {DEFAULT_MODEL}; `demix models` lists them)")
     parser.add_argument("--weights", metavar="PATH_OR_URI", help="weights file overriding the registry's (air-gapped clusters)")
-    parser.add_argument("--weights-sha256", metavar="HEX", help="expected sha256 of --weights")
+    parser.add_argument(
+        "--weights-sha256", metavar="HEX",
+        help="expected sha256 of --weights (needed unless the registry's sha256 matches or the name ends in -<sha8>)",
+    )
+    parser.add_argument(
+        "--trust-weights", action="store_true",
+        help="load --weights that no checksum verifies (by default they are refused)",
+    )
     parser.add_argument("--phase", choices=PHASES, help="U-Net only: mixture phase or Griffin-Lim reconstruction")
 
 

@@ -5,12 +5,17 @@ Weights live at a URI: a local path, any fsspec URI (``s3://``, ``gs://``, ``fil
 ``~/.cache/demix``) and their sha256 is checked before anything is deserialised. Files load with
 safetensors (``.safetensors``) or ``torch.load(weights_only=True)``; state dicts load with a strict key
 match. Nothing here downloads silently into the working tree or accepts a hash mismatch.
+
+A weights file a user names (``--weights``) needs a checksum, see :func:`fetch_user_weights`: its
+``--weights-sha256``, the registry entry's sha256, or a ``-<sha8>`` in its name; only an explicit
+``--trust-weights`` loads it unverified. Each load says which one held (:data:`VERIFIED_BY`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import re
 import shutil
 import urllib.error
@@ -28,6 +33,11 @@ from demix.pipeline.io import put_file, staged_path
 
 _CHUNK = 1 << 20
 _SHA8_IN_NAME = re.compile(r"-([0-9a-f]{8})\.(?:th|pt|pth|safetensors)$")
+_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+
+VERIFIED_BY = ("--weights-sha256", "registry sha256", "sha8 in name", "trusted (unverified)", "unverified (no sha256 in the registry)")
+"""How loaded weights were verified (a model's ``weights_verified_by``): the user's sha256, the registry
+entry's, the ``-<sha8>`` in the file name, ``--trust-weights``, or a registry entry without a sha256."""
 
 
 def cache_dir() -> Path:
@@ -78,24 +88,77 @@ def fetch(uri: str, *, sha256: str | None = None, cache: Path | None = None) -> 
         ModelLoadError: the file is missing, cannot be fetched (offline, for example) or its hash
             does not match.
     """
+    path = _localise(uri, cache)
+    verify(path, sha256=sha256, uri=uri)
+    return path
+
+
+def _localise(uri: str, cache: Path | None = None) -> Path:
+    """A local path holding the bytes at ``uri`` (remote files are downloaded into the cache once)."""
     if _is_local(uri):
         path = Path(uri.removeprefix("file://")).expanduser()
         if not path.is_file():
             raise ModelLoadError(f"weights file not found: {uri}")
-    else:
-        name = uri.rstrip("/").rsplit("/", 1)[-1]
-        path = (cache or cache_dir()) / "weights" / name
-        if not path.is_file():
-            try:
-                _download(uri, path)
-            except (urllib.error.URLError, OSError) as err:
-                raise ModelLoadError(
-                    f"could not download weights from {uri}: {err}. On a machine without network, fetch the "
-                    f"file elsewhere and pass it with --weights PATH_OR_URI (a local path, s3://..., etc.), "
-                    f"or copy it to {path}"
-                ) from err
-    verify(path, sha256=sha256, uri=uri)
+        return path
+    name = uri.rstrip("/").rsplit("/", 1)[-1]
+    path = (cache or cache_dir()) / "weights" / name
+    if not path.is_file():
+        try:
+            _download(uri, path)
+        except (urllib.error.URLError, OSError) as err:
+            raise ModelLoadError(
+                f"could not download weights from {uri}: {err}. On a machine without network, fetch the "
+                f"file elsewhere and pass it with --weights PATH_OR_URI (a local path, s3://..., etc.), "
+                f"or copy it to {path}"
+            ) from err
     return path
+
+
+def fetch_user_weights(
+    uri: str, *, sha256: str | None = None, registry_sha256: str | None = None, trust: bool = False,
+    model: str = "this model", cache: Path | None = None,
+) -> tuple[Path, str, str]:
+    """Fetch and verify a weights file the user named (``--weights``); return ``(path, sha256, verified_by)``.
+
+    Checked in this order, the first that applies saying how (``verified_by``, one of :data:`VERIFIED_BY`):
+    ``sha256`` (``--weights-sha256``) must match; else the registry entry's ``registry_sha256`` when the
+    file matches it; else a ``-<sha8>`` in the file name (always checked when present); else ``trust``
+    (``--trust-weights``) loads it unverified. A file the registry's sha256 does not match, or one with
+    no checksum at all, is refused (one with nothing to check it against before any download).
+
+    Raises:
+        ModelLoadError: missing, not fetched, a checksum mismatch, or no checksum and no ``trust``.
+    """
+    name = uri.rstrip("/").rsplit("/", 1)[-1]
+    if sha256 is None and registry_sha256 is None and not _SHA8_IN_NAME.search(name) and not trust:
+        raise ModelLoadError(
+            f"weights {uri} come with no checksum to verify them: pass their sha256 with --weights-sha256 HEX, "
+            "name the file NAME-<first 8 hex of its sha256>.safetensors (as `demix train --export` does), "
+            "or pass --trust-weights to load them unverified"
+        )
+    path = _localise(uri, cache)
+    actual = verify(path, sha256=sha256, uri=uri)
+    if sha256 is not None:
+        return path, actual, VERIFIED_BY[0]
+    if registry_sha256 is not None and actual == registry_sha256.lower():
+        return path, actual, VERIFIED_BY[1]
+    if _SHA8_IN_NAME.search(path.name):
+        return path, actual, VERIFIED_BY[2]
+    if trust:
+        return path, actual, VERIFIED_BY[3]
+    raise ModelLoadError(
+        f"weights {uri} do not match the registry's sha256 for {model} (expected {registry_sha256[:12]}..., found "
+        f"{actual[:12]}...); refusing to load. If this is another file you know, pass its sha256 with "
+        "--weights-sha256 HEX, or pass --trust-weights to load it unverified"
+    )
+
+
+def fetch_registry_weights(uri: str, *, sha256: str | None) -> tuple[Path, str, str]:
+    """Fetch a registry entry's own weights, checked against its ``sha256``; return ``(path, sha256, verified_by)``."""
+    path = _localise(uri)
+    actual = verify(path, sha256=sha256, uri=uri)
+    how = VERIFIED_BY[1] if sha256 else VERIFIED_BY[2] if _SHA8_IN_NAME.search(path.name) else VERIFIED_BY[4]
+    return path, actual, how
 
 
 def verify(path: Path, *, sha256: str | None, uri: str | None = None) -> str:
@@ -114,11 +177,23 @@ def verify(path: Path, *, sha256: str | None, uri: str | None = None) -> str:
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Read a state dict from safetensors or a ``torch.save`` file (``weights_only=True``)."""
+    """Read a state dict from safetensors or a ``torch.save`` file (``weights_only=True``).
+
+    A pickle holding anything but tensors is refused with demix's own message: PyTorch's (advice to
+    load it with ``weights_only=False``, which would run its code) is never relayed, not even chained.
+    """
     try:
         if path.suffix == ".safetensors":
             return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = _GLOBAL.search(str(err))
+        raise ModelLoadError(
+            f"cannot read weights {path}: the file holds Python objects other than tensors"
+            f"{f' ({found.group(1)})' if found else ''}; demix loads only tensors and never runs code from a "
+            "weights file. Convert it to safetensors or to a plain state dict of tensors "
+            "(torch.save(model.state_dict(), path)), on a machine where you trust the file"
+        ) from None
     except Exception as err:  # noqa: BLE001 - every deserialiser error becomes one typed error
         raise ModelLoadError(f"cannot read weights {path}: {type(err).__name__}: {err}") from err
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):

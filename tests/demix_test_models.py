@@ -11,6 +11,9 @@ CPU, with switches that make a catalog run misbehave on purpose:
   mid-track: the writers refuse non-finite audio);
 * ``die_above``: a chunk whose peak exceeds this exits the process, every time (a track that
   always crashes its worker, like a decoder segfault).
+
+``test-slow`` is ``test-gain`` with ``delay_s`` from ``DEMIX_TEST_DELAY_S`` (default 0.3): a slow model
+the command line can name (``demix run --model test-slow``; tests/test_interrupt.py).
 """
 
 from __future__ import annotations
@@ -104,3 +107,11 @@ class BandModel(Separator):
 
 if "test-bands" not in {e.name for e in list_models()}:
     register(ModelEntry(name="test-bands", factory=BandModel, sample_rate=8000, sources=SOURCES, description="test only"))
+
+
+def _slow() -> Separator:
+    return GainModel(delay_s=float(os.environ.get("DEMIX_TEST_DELAY_S", "0.3")))
+
+
+if "test-slow" not in {e.name for e in list_models()}:  # `test-gain` with a delay the command line can choose
+    register(ModelEntry(name="test-slow", factory=_slow, sample_rate=8000, sources=SOURCES, description="test only"))

@@ -379,7 +379,7 @@ def test_lossless_round_trip(tmp_path, fmt, depth, tol):
 
 def test_mp3_round_trip(tmp_path):
     wav = sine(seconds=1.0)
-    save_audio(tmp_path / "out.mp3", wav, sample_rate=SR, encoding=Encoding(format="mp3", bit_depth="32f"))
+    save_audio(tmp_path / "out.mp3", wav, sample_rate=SR, encoding=Encoding(format="mp3"))
     info, out = decode_all(tmp_path / "out.mp3")
     assert info.format == "MP3" and abs(out.shape[1] - SR) <= 2 * 1152
     n = min(out.shape[1], SR)
@@ -490,3 +490,46 @@ def test_staged_errors_pickle_round_trip(err):
         assert str(again) == f"{err.stage} {err.uri}: {err.detail}"
     else:
         assert (again.message, again.errors) == (err.message, err.errors)
+
+
+# ------------------------------------------------------------------ MP3 options (issue 15, item 9)
+
+
+@pytest.mark.parametrize("kbps", [128, 320])
+def test_mp3_bitrate_is_what_was_asked(tmp_path, kbps):
+    """A 10 s MP3 at ``mp3_bitrate`` K kbit/s has about that size (constant bit rate)."""
+    rng = np.random.default_rng(0)
+    noise = (0.3 * rng.standard_normal((2, 10 * SR))).astype(np.float32)  # hard to compress: VBR would differ
+    target = tmp_path / f"{kbps}.mp3"
+    save_audio(target, noise, sample_rate=SR, encoding=Encoding(format="mp3", mp3_bitrate=kbps))
+    rate = target.stat().st_size * 8 / 10 / 1000
+    assert rate == pytest.approx(kbps, rel=0.10)
+    quiet = tmp_path / f"quiet{kbps}.mp3"
+    save_audio(quiet, noise * 1e-3, sample_rate=SR, encoding=Encoding(format="mp3", mp3_bitrate=kbps))
+    assert quiet.stat().st_size * 8 / 10 / 1000 == pytest.approx(kbps, rel=0.10), "not constant bit rate"
+
+
+def test_mp3_defaults_and_refused_options():
+    enc = Encoding(format="mp3")
+    assert enc.mp3_bitrate == 320 and enc.bit_depth is None
+    assert Encoding().bit_depth == "16" and Encoding(format="flac").bit_depth == "16" and Encoding().mp3_bitrate is None
+    with pytest.raises(ValueError, match="mp3.*bit.depth|bit.depth.*mp3") as info:
+        Encoding(format="mp3", bit_depth="24")
+    assert "--bit-depth" in str(info.value) and "--format" in str(info.value)
+    with pytest.raises(ValueError, match="--mp3-bitrate"):
+        Encoding(format="wav", mp3_bitrate=128)
+    with pytest.raises(ValueError, match="bit rate"):
+        Encoding(format="mp3", mp3_bitrate=100)
+
+
+def test_encoding_flags_round_trip():
+    import argparse
+
+    from demix.pipeline.io.encode import add_encoding_flags, encoding_kwargs
+
+    parser = argparse.ArgumentParser()
+    add_encoding_flags(parser)
+    assert Encoding(**encoding_kwargs(parser.parse_args([]))) == Encoding("wav", "16", "rescale")
+    assert Encoding(**encoding_kwargs(parser.parse_args(["--format", "mp3", "--mp3-bitrate", "192"]))).mp3_bitrate == 192
+    with pytest.raises(ValueError, match="--bit-depth"):
+        Encoding(**encoding_kwargs(parser.parse_args(["--format", "mp3", "--bit-depth", "24"])))

@@ -368,3 +368,18 @@ def test_source_names_cannot_write_outside_out(tmp_path, flow_env):
     ids = {t["track_id"] for t in tracks}
     assert "-..-etc-x" in ids and all("/" not in i and not i.startswith(".") for i in ids)
     assert {p.name for p in (out / "stems").iterdir()} == {t["track_id"] for t in tracks if t["status"] == "ok"}
+
+
+def test_a_track_failing_again_counts_its_attempts(tmp_path, flow_env):
+    """A corrupt file fails in each run: its failure row says how many runs tried it."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "good.wav").write_bytes(_encoded(2.0, 8000, 9, "WAV"))
+    (folder / "corrupt.flac").write_bytes(b"fLaC but not really")
+    out = str(tmp_path / "out")
+    first = run_flow(str(folder), out)
+    second = run_flow(str(folder), out)
+    assert (first["ok_now"], first["failed_now"]) == (1, 1)
+    assert (second["skipped_already_committed"], second["failed_now"]) == (1, 1)
+    (row,) = pq.read_table(second["manifests"]["failures"]).to_pylist()
+    assert row["source_uri"] == str(folder / "corrupt.flac") and row["attempts"] == 2

@@ -156,3 +156,132 @@ def test_evaluate_presence_on_a_small_synthetic_set(tmp_path, capsys):
     preds = pq.read_table(out / "presence_predictions.parquet").to_pylist()
     assert len(preds) == 3 * 3 * 4 and all((p["presence_score"] >= 0.5) == p["present"] for p in preds)
     assert (out / "presence.md").read_text().count("| combined |") == 4
+
+
+def test_models_lists_irm_as_an_evaluation_oracle_and_evaluate_help_has_no_encoding_flags():
+    """Issue 15, item 9: the README's `--model irm` is listed by `demix models` (as an evaluation
+    oracle), and `demix evaluate --help` offers only options evaluation uses."""
+    exe = Path(sys.executable).with_name("demix")
+    models = subprocess.run([str(exe), "models"], capture_output=True, text=True, check=True).stdout
+    irm = [line for line in models.splitlines() if line.startswith("irm")]
+    assert irm and "evaluation oracle" in irm[0] and "demix evaluate" in irm[0]
+    out = subprocess.run([str(exe), "evaluate", "--help"], capture_output=True, text=True, check=True).stdout
+    for flag in ("--format", "--bit-depth", "--clip-mode", "--two-stems", "--stems "):
+        assert flag not in out, flag
+    for flag in ("--model", "--weights", "--segment", "--overlap", "--device", "--no-progress"):
+        assert flag in out, flag
+
+
+def test_bad_output_root_and_device_fail_at_once_in_one_line(inputs, tmp_path, capsys):
+    """Issue 15, item 5: `-o` naming an existing file (or under one) and an unknown `--device` are
+    refused before any model loads or audio is read: one line, exit 2."""
+    src = str(inputs / "mono 22k.flac")
+    taken = tmp_path / "taken.txt"
+    taken.write_text("not a folder")
+    for out in (taken, taken / "sub"):
+        assert main(["separate", src, "-o", str(out), *FAST]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "not a folder" in err[0] and str(taken) in err[0], err
+    assert taken.read_text() == "not a folder"
+    for argv in (["separate", src, "-o", str(tmp_path / "o")], ["evaluate", str(tmp_path), "-o", str(tmp_path / "r")]):
+        for bad in ("tpu", "cuda:x", "cpu0"):
+            assert main([*argv, *FAST, "--device", bad]) == 2
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and "--device" in err[0] and bad in err[0], err
+    assert not (tmp_path / "o").exists()
+
+
+def test_filename_template_and_refused_templates(inputs, tmp_path, capsys):
+    """`--filename` (demucs' option): fields {track}, {stem}, {ext}; a template that leaves OUT or puts
+    two stems or tracks on one path is refused before any work, in one line."""
+    srcs = [str(inputs / "mono 22k.flac"), str(inputs / "sub dir" / "track.ogg")]
+    out = tmp_path / "o"
+    assert main(["separate", *srcs, "-o", str(out), *FAST, "--two-stems", "vocals", "--filename", "flat/{track}-{stem}.{ext}"]) == 0
+    assert sorted(p.name for p in (out / "flat").iterdir()) == [
+        "mono 22k-no_vocals.wav", "mono 22k-vocals.wav", "track-no_vocals.wav", "track-vocals.wav",
+    ]
+    capsys.readouterr()
+    bad = {
+        "../{track}/{stem}.{ext}": "not a path inside OUT",
+        "/tmp/{track}/{stem}.{ext}": "not a path inside OUT",
+        "{track}//{stem}.{ext}": "not a path inside OUT",
+        "{track}/{stem}.{ext}/{model}": "unknown field",
+        "{track}.{ext}": "to one path",  # the stems of a track collide
+        "{stem}.{ext}": "to one path",  # two tracks collide
+    }
+    for template, why in bad.items():
+        refused = tmp_path / "refused"
+        assert main(["separate", *srcs, "-o", str(refused), *FAST, "--filename", template]) == 2, template
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and why in err[0], (template, err)
+        assert not refused.exists(), template
+
+
+def test_jobs_gives_the_same_files_as_one_job(inputs, tmp_path, capsys):
+    """`--jobs 3` separates the inputs in threads sharing one model: byte-identical output to `--jobs 1`."""
+    one, three = tmp_path / "one", tmp_path / "three"
+    assert main(["separate", str(inputs), "-o", str(one), *FAST, "--jobs", "1"]) == 1  # broken.wav fails in both
+    assert main(["separate", str(inputs), "-o", str(three), *FAST, "--jobs", "3"]) == 1
+    printed = capsys.readouterr()
+    assert printed.out.count("3 of 4 tracks separated") == 2
+    assert sum(line.startswith("demix: failed:") for line in printed.err.splitlines()) == 2
+    files = sorted(p.relative_to(one) for p in one.rglob("*") if p.is_file())
+    assert len(files) == 12 and files == sorted(p.relative_to(three) for p in three.rglob("*") if p.is_file())
+    for rel in files:
+        assert (one / rel).read_bytes() == (three / rel).read_bytes(), rel
+    assert main(["separate", str(inputs), "-o", str(tmp_path / "x"), *FAST, "--jobs", "0"]) == 2
+
+
+SLOW_SEPARATE = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from demix_test_models import SOURCES, GainModel
+from demix.models.registry import ModelEntry, register
+register(ModelEntry(name="test-slow-separate", factory=lambda: GainModel(delay_s=0.1), sample_rate=8000, sources=SOURCES, description="test only"))
+from demix.pipeline.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_ctrl_c_abandons_the_track_being_written_and_exits_130(tmp_path, jobs):
+    """Issue 15, item 1 (separate): SIGINT to the process group while a long track is being
+    separated: exit 130 without a traceback, the finished track intact, nothing of the long one
+    (no staged files, no stems, no folder), and a line saying how many tracks were finished."""
+    import signal
+    import time
+
+    src = tmp_path / "in"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    sf.write(src / "a short.wav", 0.1 * rng.standard_normal((8000, 2)), 8000, subtype="PCM_16")
+    sf.write(src / "b long.wav", 0.1 * rng.standard_normal((8000 * 120, 2)), 8000, subtype="PCM_16")
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_SEPARATE, str(Path(__file__).parent), "separate", str(src), "-o", str(out),
+         "--model", "test-slow-separate", "--device", "cpu", "--no-progress", "--jobs", str(jobs)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            short_done = len(list((out / "a short").glob("*.wav"))) == 4
+            long_staged = bool(list((out / "b long").glob(".demix-*"))) if (out / "b long").is_dir() else False
+            if short_done and long_staged:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.communicate()
+        assert short_done and long_staged, "the long track never started"
+        os.killpg(proc.pid, signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    assert "1 of 2 tracks finished" in stderr, stderr
+    assert not (out / "b long").exists(), list((out / "b long").rglob("*"))
+    assert not list(out.rglob(".demix-*")) and not list(out.rglob("*.part*"))
+    for stem in ("vocals", "drums", "bass", "other"):
+        data, rate = sf.read(out / "a short" / f"{stem}.wav")
+        assert rate == 8000 and data.shape == (8000, 2)

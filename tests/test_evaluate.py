@@ -214,6 +214,37 @@ def test_silent_window_is_nan_for_every_source():
     assert np.isnan(out["sdr"][:, 1]).all() and np.isfinite(out["sdr"][:, [0, 2]]).all()
 
 
+def test_near_silent_reference_windows_are_left_out_of_the_median():
+    """Issue 15, item 4: windows whose reference is silent (``is_silent`` per window, per stem) are NaN
+    and left out of the frame median, so a stem loud in its first half and at about -240 dBFS in its
+    second scores what its first half's windows score; a stem with no scored window is silent."""
+    from demix.pipeline.learn.bss_eval import bss_eval_frames
+
+    n = 6 * SR
+    song = recorded(6.0, seed=3)
+    refs = {"vocals": song["vocals"].copy(), "drums": song["drums"]}
+    refs["vocals"][:, n // 2 :] *= 1e-12  # about -240 dBFS where the voice is out
+    assert 10 * np.log10(np.mean(refs["vocals"][:, n // 2 :] ** 2)) < -200
+    mixture = refs["vocals"] + refs["drums"]
+    ests = {s: mixture for s in refs}
+    scores, silent = score_track("t", refs, ests, sample_rate=SR)
+    assert silent == []
+    got = {s.stem: s for s in scores}
+    frames = bss_eval_frames(np.stack([refs["vocals"], refs["drums"]]), np.stack([mixture, mixture]), SR, SR)
+    assert np.all(frames["sdr"][0][3:] < -100), "the near-silent windows score hugely negative when kept"
+    assert got["vocals"].frames == 3
+    assert got["vocals"].sdr == pytest.approx(float(np.median(frames["sdr"][0][:3])), abs=1e-9)
+    assert got["drums"].frames == 6
+    assert got["drums"].sdr == pytest.approx(float(np.median(frames["sdr"][1])), abs=1e-9)
+    # sound only in the trailing partial window (dropped, as museval drops it): no scored window -> silent
+    m = 3 * SR + SR // 2
+    tail = {"drums": song["drums"][:, :m], "bass": np.zeros((2, m))}
+    tail["bass"][:, 3 * SR :] = song["bass"][:, : SR // 2]
+    tail_mix = tail["drums"] + tail["bass"]
+    scores, silent = score_track("t", tail, {s: tail_mix for s in tail}, sample_rate=SR)
+    assert silent == ["bass"] and [s.stem for s in scores] == ["drums"]
+
+
 def test_bad_input_is_refused_with_context():
     x = np.zeros((2, 100, 2))
     with pytest.raises(ValueError, match="sources, time, channels"):

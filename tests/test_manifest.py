@@ -269,3 +269,48 @@ def test_a_committed_part_that_vanished_is_a_read_error_naming_it(tmp_path):
     with pytest.raises(StorageError) as info:
         manifest.read_manifests(out)
     assert info.value.stage == "read" and commit.parts["stems"] in str(info.value)
+
+
+def test_integer_columns_stay_integers_in_pandas_with_failed_rows(tmp_path):
+    """A failed track has no sample rate: pandas turned int32 with nulls into float64 (44100.0)."""
+    import pandas as pd
+
+    out = str(tmp_path)
+    manifest.commit_shard(out, _result("s1", ok=["t1"]))
+    failed = _result("s2", failed=["t2"])
+    failed.tracks[0].sample_rate = failed.tracks[0].channels = failed.tracks[0].source_bytes = None
+    manifest.commit_shard(out, failed)
+    written = manifest.write_consolidated(out, manifest.read_manifests(out))
+    tracks = pd.read_parquet(written["tracks"])
+    for column in ("sample_rate", "channels", "source_bytes"):
+        assert pd.api.types.is_integer_dtype(tracks[column]), f"{column}: {tracks[column].dtype}"
+    assert tracks["sample_rate"].tolist()[0] == 44100 and pd.isna(tracks["sample_rate"].tolist()[1])
+    assert pq.read_schema(written["tracks"]).field("sample_rate").type == pa.int32()
+
+
+def test_parts_written_with_float_columns_still_read(tmp_path):
+    """A part whose sample_rate/channels were written as float64 reads back as int32."""
+    out = str(tmp_path)
+    commit = manifest.commit_shard(out, _result("s1", ok=["t1"]))
+    part = tmp_path / "manifests" / commit.parts["tracks"]
+    old = pq.read_table(part)
+    for column in ("sample_rate", "channels"):
+        old = old.set_column(old.schema.get_field_index(column), column, old.column(column).cast(pa.float64()))
+    pq.write_table(old, part)
+    tracks = manifest.read_manifests(out)["tracks"]
+    assert tracks.schema.field("sample_rate").type == pa.int32()
+    assert tracks.select(["sample_rate", "channels"]).to_pylist() == [{"sample_rate": 44100, "channels": 2}]
+
+
+def test_failure_attempts_count_every_committed_failure_of_a_track(tmp_path):
+    out = str(tmp_path)
+    manifest.commit_shard(out, _result("s1", failed=["t1", "t2"]))
+    manifest.commit_shard(out, _result("s1", failed=["t1"]))  # a retry of the same shard: not an attempt
+    manifest.commit_shard(out, _result("s2", failed=["t1"]))
+    died = _result("s3", failed=["t1"])
+    died.failures[0].attempts = 4  # a worker that died 4 times in one run
+    manifest.commit_shard(out, died)
+    failures = {r["track_id"]: r["attempts"] for r in manifest.read_manifests(out)["failures"].to_pylist()}
+    assert failures == {"t1": 6, "t2": 1}
+    manifest.commit_shard(out, _result("s4", ok=["t1"]))
+    assert [r["track_id"] for r in manifest.read_manifests(out)["failures"].to_pylist()] == ["t2"]

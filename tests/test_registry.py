@@ -119,7 +119,7 @@ def test_strict_key_match(tmp_path, hdemucs_checkpoint):
     p = tmp_path / "partial.pt"
     torch.save(partial, p)
     with pytest.raises(ModelLoadError, match="missing keys .* unexpected keys"):
-        load_model("hdemucs-musdb", weights=str(p))
+        load_model("hdemucs-musdb", weights=str(p), trust=True)
 
 
 class _Evil:
@@ -130,7 +130,7 @@ def test_pickled_objects_are_refused(tmp_path):
     p = tmp_path / "evil.pt"
     torch.save({"obj": _Evil()}, p)
     with pytest.raises(ModelLoadError, match="cannot read weights"):
-        load_model("hdemucs-musdb", weights=str(p))
+        load_model("hdemucs-musdb", weights=str(p), trust=True)
 
 
 def test_safetensors_weights(tmp_path):
@@ -139,7 +139,7 @@ def test_safetensors_weights(tmp_path):
     ref = load_model("unet", depth=3, channels=4, pretrained=False)
     p = tmp_path / "unet.safetensors"
     save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(p))
-    model = load_model("unet", depth=3, channels=4, weights=str(p))
+    model = load_model("unet", depth=3, channels=4, weights=str(p), sha256=_sha(p))
     x = torch.randn(1, 2, 4096)
     with torch.inference_mode():
         assert torch.equal(model(x), ref(x))

@@ -9,6 +9,7 @@ stem absent; a gated tone has known active segments.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -231,6 +232,31 @@ def test_exports_round_trip(separated, tmp_path):
         f"select track_id, stem, unnest(active_segments, recursive := true) from '{uri}' order by all"
     ).fetchall()
     assert len(segs) == sum(len(x) for x in tx.active_segments)
+
+
+def test_export_uris_are_absolute_from_a_relative_out(separated, tmp_path, monkeypatch, capsys):
+    """Issue 15, item 6: `demix export -o RELATIVE` writes absolute clip and stem URIs, so the
+    manifests read from any working directory."""
+    import pandas as pd
+
+    from demix.pipeline.cli import main
+
+    run, _ = separated
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    work.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.chdir(work)
+    assert main(["export", "--task", "lyrics", run, "-o", "exports/lyrics", "--no-progress"]) == 0
+    assert main(["export", "--task", "transcription", run, "-o", "exports/tx"]) == 0
+    capsys.readouterr()
+    monkeypatch.chdir(elsewhere)
+    clips = pd.read_parquet(work / "exports" / "lyrics" / "lyrics.parquet")
+    tx = pd.read_parquet(work / "exports" / "tx" / "transcription.parquet")
+    assert len(clips) and len(tx)
+    for uri in [*clips.clip_uri, *clips.stem_uri, *tx.uri]:
+        assert os.path.isabs(uri), uri
+        assert sf.info(uri).frames > 0
+    assert all(uri.startswith(str(work / "exports" / "lyrics" / "clips") + "/") for uri in clips.clip_uri)
 
 
 def test_remixes_manifest_reads_in_duckdb(separated, tmp_path):

@@ -4,8 +4,10 @@ A catalog is a folder, a glob, an fsspec URI, or a CSV/Parquet table with a ``ur
 optional ``track_id`` column); a relative ``uri`` in a table is relative to the table's folder.
 Track ids are stable and safe: derived from the source URI (a readable slug of the file name plus
 12 hex digits of the URI's sha256), or the user's own id reduced to the characters
-``[A-Za-z0-9._-]``. An id never contains a path separator and never starts with a dot,
-so no source name can write outside the output root.
+``[A-Za-z0-9._-]``; a reduced id longer than 128 characters keeps its first 116 and ends with ``-``
+and 11 hex digits of the full id's sha256, so distinct long ids stay distinct. An id never contains
+a path separator and never starts with a dot, so no source name can write outside the output root.
+``.`` and ``..`` in a table's URIs are resolved, for object stores too (never above the bucket).
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ import pyarrow.parquet as pq
 from demix.pipeline.io import StorageError, expand_inputs, filesystem, is_remote, local_path
 
 _ID_OK = re.compile(r"[^A-Za-z0-9._-]+")
+MAX_ID_CHARS = 128
+"""Longest track id; longer ids are shortened with a digest of the whole id (:func:`safe_track_id`)."""
+_ID_DIGEST_CHARS = 11
 _TABLE_SUFFIXES = (".csv", ".parquet", ".pq")
 
 
@@ -57,11 +62,15 @@ def track_id_for(uri: str) -> str:
 
 
 def safe_track_id(user_id: str) -> str:
-    """A user-given id reduced to ``[A-Za-z0-9._-]``, never empty, never starting with a dot."""
+    """A user-given id reduced to ``[A-Za-z0-9._-]``, never empty, never starting with a dot, at most
+    ``MAX_ID_CHARS`` long: a longer one keeps its beginning and ends with ``-<sha256(id)[:11]>``."""
     cleaned = _ID_OK.sub("-", str(user_id)).strip("-").lstrip(".")
     if not cleaned:
         raise CatalogError(f"track_id {user_id!r} has no usable characters")
-    return cleaned[:128]
+    if len(cleaned) <= MAX_ID_CHARS:
+        return cleaned
+    digest = hashlib.sha256(str(user_id).encode("utf-8")).hexdigest()[:_ID_DIGEST_CHARS]
+    return f"{cleaned[: MAX_ID_CHARS - _ID_DIGEST_CHARS - 1]}-{digest}"
 
 
 def _read_table(uri: str) -> list[dict]:
@@ -87,13 +96,39 @@ def _read_table(uri: str) -> list[dict]:
     return table.to_pylist()
 
 
-def _resolve(uri: str, base: str) -> str:
+def _normalise_remote(uri: str) -> str:
+    """``uri`` with its ``.`` and ``..`` key segments resolved (other keys are left as they are: a
+    ``//`` may be part of an object's key); raises ValueError when a ``..`` climbs above the bucket."""
+    protocol, _, rest = uri.partition("://")
+    bucket, _, key = rest.partition("/")
+    segments = key.split("/")
+    if not {".", ".."} & set(segments):
+        return uri
+    kept: list[str] = []
+    for segment in segments:
+        if segment == "..":
+            if not kept:
+                raise ValueError(f"{uri} climbs above the bucket {protocol}://{bucket}")
+            kept.pop()
+        elif segment not in ("", "."):
+            kept.append(segment)
+    return f"{protocol}://{bucket}/{'/'.join(kept)}"
+
+
+def _resolve(uri: str, base: str, row: int) -> str:
     """Relative URIs in a catalog table are relative to the table's folder; local paths come out
-    absolute and normalised (``base`` is absolute when local, see :func:`read_catalog`)."""
+    absolute and normalised (``base`` is absolute when local, see :func:`read_catalog`), object-store
+    URIs without ``.`` and ``..`` segments. ``row`` (1 = the first data row) is for the error."""
+    given = uri
     if "://" not in uri and not uri.startswith("/"):
         parent = base.rsplit("/", 1)[0] if "/" in base else "."
         uri = f"{parent}/{uri}"
-    return uri if is_remote(uri) else os.path.normpath(local_path(uri))
+    if not is_remote(uri):
+        return os.path.normpath(local_path(uri))
+    try:
+        return _normalise_remote(uri)
+    except ValueError as err:
+        raise CatalogError(f"catalog {base}, row {row}: uri {given!r}: {err}") from None
 
 
 def read_catalog(catalog: str | Sequence[str]) -> list[Track]:
@@ -104,27 +139,48 @@ def read_catalog(catalog: str | Sequence[str]) -> list[Track]:
     """
     items = [catalog] if isinstance(catalog, str) else list(catalog)
     items = [item if is_remote(item) else os.path.abspath(local_path(item)) for item in items]
-    tracks: list[Track] = []
+    tracks: list[tuple[Track, str]] = []
     for item in items:
         is_table = item.lower().endswith(_TABLE_SUFFIXES) and (
             is_remote(item) or PurePosixPath(local_path(item)).suffix.lower() in _TABLE_SUFFIXES
         )
         if is_table:
-            for row in _read_table(item):
-                if not row.get("uri"):
-                    raise CatalogError(f"catalog {item}: a row has an empty 'uri': {row}")
-                uri = _resolve(str(row["uri"]), item)
-                tid = row.get("track_id")
-                tracks.append(Track(safe_track_id(tid) if tid not in (None, "") else track_id_for(uri), uri))
+            found = _table_tracks(item)
         else:
-            tracks.extend(Track(track_id_for(uri), uri) for uri in expand_inputs([item]))
-    seen: dict[str, str] = {}
-    for t in tracks:
-        if t.track_id in seen and seen[t.track_id] != t.uri:
-            raise CatalogError(f"duplicate track_id {t.track_id!r} for {seen[t.track_id]} and {t.uri}")
-        seen[t.track_id] = t.uri
-    unique = {t.track_id: t for t in tracks}
+            found = [Track(track_id_for(uri), uri) for uri in expand_inputs([item])]
+        tracks.extend((t, item) for t in found)
+    unique = _unique(tracks)
     return [unique[k] for k in sorted(unique)]
+
+
+def _table_tracks(item: str) -> list[Track]:
+    tracks = []
+    for n, row in enumerate(_read_table(item), start=1):
+        if not row.get("uri"):
+            raise CatalogError(f"catalog {item}, row {n}: empty 'uri': {row}")
+        uri = _resolve(str(row["uri"]), item, n)
+        tid = row.get("track_id")
+        try:
+            tracks.append(Track(safe_track_id(tid) if tid not in (None, "") else track_id_for(uri), uri))
+        except CatalogError as err:
+            raise CatalogError(f"catalog {item}, row {n}: {err}") from None
+    return tracks
+
+
+def _unique(tracks: list[tuple[Track, str]]) -> dict[str, Track]:
+    """One track per id (a URI listed twice is one track); raises CatalogError naming every id given
+    to two different URIs, and the catalog it came from, on one line."""
+    seen: dict[str, Track] = {}
+    clashes: list[str] = []
+    for t, item in tracks:
+        first = seen.setdefault(t.track_id, t)
+        if first.uri != t.uri:
+            clashes.append(f"{t.track_id!r} in {item} ({first.uri} and {t.uri})")
+    if clashes:
+        more = f" and {len(clashes) - 3} more" if len(clashes) > 3 else ""
+        ids = "track_ids" if len(clashes) > 1 else "track_id"
+        raise CatalogError(f"duplicate {ids} {'; '.join(clashes[:3])}{more}: each id must name one source")
+    return seen
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,9 @@ and Hugging Face ``datasets`` read it directly).
   audio is copied.
 
 Clip keys are deterministic and every file is written atomically, so a rerun rewrites the same
-files and the same manifest (exports are cheap to redo; they are not sharded).
+files and the same manifest (exports are cheap to redo; they are not sharded). Every URI in both
+manifests is absolute (a local ``OUT`` is made absolute as a run's output root is,
+:func:`demix.pipeline.io.output_root`), so they read the same from any working directory.
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ import pyarrow as pa
 import soundfile as sf
 
 from demix.pipeline.batch.manifest import SEGMENT, parquet_bytes, read_manifests
-from demix.pipeline.io import AtomicOutput, atomic_write, audio_info, join, local_copy, read_slice, safe_component
+from demix.pipeline.io import (
+    AtomicOutput, atomic_write, audio_info, join, local_copy, output_root, read_slice, safe_component,
+)
 
 LYRICS_SCHEMA = pa.schema(
     [
@@ -115,6 +119,7 @@ def _committed(run: str) -> tuple[list[dict], dict[str, str]]:
 def export_transcription(run: str, out: str, *, stems: Sequence[str] = TRANSCRIPTION_STEMS) -> tuple[str, int]:
     """Write ``OUT/transcription.parquet``; returns its URI and row count."""
     rows_in, sources = _committed(run)
+    out = output_root(out)
     rows = []
     for r in rows_in:
         if r["stem"] in stems and r["present"]:
@@ -134,6 +139,7 @@ def export_lyrics(run: str, out: str, *, rule: ClipRule = ClipRule(), stem: str 
                   progress: Callable[[int, int], None] | None = None) -> tuple[str, int]:
     """Cut every present ``stem`` into clips and write ``OUT/lyrics.parquet``; returns its URI and clip count."""
     rows_in, sources = _committed(run)
+    out = output_root(out)
     chosen = [r for r in rows_in if r["stem"] == stem and r["present"]]
     rows = []
     for i, r in enumerate(chosen):

@@ -22,6 +22,7 @@ import io
 import json
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -32,6 +33,19 @@ import pyarrow.parquet as pq
 from demix.pipeline.io import StorageError, atomic_write, create_once, filesystem, join
 
 SEGMENT = pa.struct([("start_s", pa.float64()), ("end_s", pa.float64())])
+
+
+def _pandas_nullable_ints(schema: pa.Schema, columns: dict[str, str]) -> pa.Schema:
+    """``schema`` with pandas metadata asking for nullable integer dtypes (``Int32``...) for ``columns``:
+    without it pandas reads an integer column that has nulls (a failed track's sample rate) as float64.
+    Arrow readers (DuckDB, datasets, polars) see the plain integer types either way."""
+    described = [
+        {"name": name, "field_name": name, "pandas_type": str(schema.field(name).type), "numpy_type": dtype, "metadata": None}
+        for name, dtype in columns.items()
+    ]
+    pandas = {"index_columns": [], "column_indexes": [], "columns": described}
+    return schema.with_metadata({b"pandas": json.dumps(pandas).encode()})
+
 
 TRACKS_SCHEMA = pa.schema(
     [
@@ -51,6 +65,7 @@ TRACKS_SCHEMA = pa.schema(
         ("attempt", pa.string()),
     ]
 )
+TRACKS_SCHEMA = _pandas_nullable_ints(TRACKS_SCHEMA, {"source_bytes": "Int64", "sample_rate": "Int32", "channels": "Int32"})
 
 STEMS_SCHEMA = pa.schema(
     [
@@ -268,7 +283,9 @@ def read_manifests(out: str) -> dict[str, pa.Table]:
     """The consolidated, de-duplicated view of every committed shard: ``{"tracks", "stems", "failures"}``.
 
     One ``tracks`` row per track id (``ok`` beats ``failed``, then the latest commit); ``stems``
-    rows of the chosen attempts; ``failures`` rows of tracks whose chosen row is ``failed``.
+    rows of the chosen attempts; ``failures`` rows of tracks whose chosen row is ``failed``, whose
+    ``attempts`` counts every committed failed attempt of the track (each run that failed it, and
+    each worker death within a run).
     """
     commits = list_commits(out)
     tracks = _read_parts(out, commits, "tracks")
@@ -280,10 +297,12 @@ def read_manifests(out: str) -> dict[str, pa.Table]:
             chosen[row["track_id"]] = row
     winners = {(r["track_id"], r["attempt"]) for r in chosen.values()}
     stems = [r for r in _read_parts(out, commits, "stems").to_pylist() if (r["track_id"], r["attempt"]) in winners]
-    failures = [
-        r for r in _read_parts(out, commits, "failures").to_pylist()
-        if (r["track_id"], r["attempt"]) in winners and chosen[r["track_id"]]["status"] == "failed"
-    ]
+    failures, tries = [], Counter()
+    for r in _read_parts(out, commits, "failures").to_pylist():
+        tries[r["track_id"]] += r["attempts"] or 1
+        if (r["track_id"], r["attempt"]) in winners and chosen[r["track_id"]]["status"] == "failed":
+            failures.append(r)
+    failures = [{**r, "attempts": tries[r["track_id"]]} for r in failures]
     order = sorted(chosen)
     return {
         "tracks": pa.Table.from_pylist([chosen[k] for k in order], schema=TRACKS_SCHEMA),

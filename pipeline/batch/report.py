@@ -30,13 +30,15 @@ def presence_counts(stems: pa.Table) -> dict[str, list[int]]:
 
 def catalog_summary(tables: Mapping[str, pa.Table], paths: dict, total: int, skipped: int, stats: Mapping) -> dict:
     """The catalog flow's result: this run's counters (``stats`` of the execute task: ok, failed,
-    audio_s, wall_s) and the totals of every committed run (``tables``: consolidated manifests)."""
+    audio_s, wall_s, and ``interrupted`` when the run was stopped early) and the totals of every
+    committed run (``tables``: consolidated manifests)."""
     tracks = tables["tracks"].to_pylist()
     presence = presence_counts(tables["stems"])
     keys = ("track_id", "source_uri", "stage", "error_type", "message")
     return {
         "catalog_tracks": total,
         "skipped_already_committed": skipped,
+        "interrupted": bool(stats.get("interrupted")),
         "processed_now": stats["ok"] + stats["failed"],
         "ok_now": stats["ok"],
         "failed_now": stats["failed"],
@@ -70,6 +72,7 @@ def catalog_markdown(summary: Mapping) -> str:
         ("skipped (already committed)", summary["skipped_already_committed"]),
         ("separated now", summary["ok_now"]),
         ("failed now", summary["failed_now"]),
+        *((("interrupted", "yes: stopped early, rerun to resume"),) if summary.get("interrupted") else ()),
         ("committed ok / failed (all runs)", f"{summary['committed_ok_total']} / {summary['committed_failed_total']}"),
         ("hours of audio (committed)", f"{summary['hours_of_audio_total']:.3f}"),
         ("real-time factor (this run)", f"{summary['realtime_factor_now']:.2f}x"),
@@ -87,7 +90,7 @@ def remix_summary(
     remixes: pa.Table, failures: pa.Table, rows: Sequence[dict], manifests: dict, dataset: str, total: int,
     skipped: int, stats: Mapping,
 ) -> dict:
-    """The remix flow's result: this run's counters (``stats``: ok, failed, wall_s), the committed
+    """The remix flow's result: this run's counters (``stats``: ok, failed, wall_s, interrupted), the committed
     ``remixes`` / ``failures`` tables, and ``rows`` (the committed examples of the split)."""
     by_stem: dict[str, int] = {}
     for r in rows:
@@ -95,6 +98,7 @@ def remix_summary(
     return {
         "examples_planned": total,
         "skipped_already_committed": skipped,
+        "interrupted": bool(stats.get("interrupted")),
         "built_now": stats["ok"],
         "failed_now": stats["failed"],
         "committed_total": remixes.num_rows,

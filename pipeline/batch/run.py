@@ -12,7 +12,7 @@ import hashlib
 import importlib
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from demix.models.base import Separator
 from demix.models.registry import load_model
@@ -37,6 +37,7 @@ class RunSpec:
     model: str
     weights: str | None = None
     weights_sha256: str | None = None
+    trust_weights: bool = False
     model_options: tuple[tuple[str, object], ...] = ()
     settings: SeparationSettings = field(default_factory=SeparationSettings)
     encoding: Encoding = field(default_factory=Encoding)
@@ -53,7 +54,7 @@ class RunSpec:
         if self.registry_module:
             importlib.import_module(self.registry_module)
         return load_model(
-            self.model, weights=self.weights, sha256=self.weights_sha256,
+            self.model, weights=self.weights, sha256=self.weights_sha256, trust=self.trust_weights,
             device=device or self.settings.device, **dict(self.model_options),
         )
 
@@ -65,7 +66,7 @@ class RunSpec:
             "weights_sha256": model_sha256,
             "options": sorted((k, repr(v)) for k, v in self.model_options),
             "settings": self.settings.hash_fields(),
-            "encoding": asdict(self.encoding),
+            "encoding": self.encoding.hash_fields(),
             "stems": self.stems,
             "two_stems": self.two_stems,
             "presence": [self.presence, presence_sha256],

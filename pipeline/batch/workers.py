@@ -20,8 +20,11 @@ actors and retries their batches, sizes one pool for CPUs or GPUs, and scales to
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import queue
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 
@@ -48,13 +51,21 @@ class Resources:
     device: str
 
 
-def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
-    """Join ``address`` (``auto``, ``ray://host:10001``, ``host:6379``) or start a local instance."""
-    import ray
+def init_ray(address: str | None = None, *, num_cpus: int | None = None, verbose: bool = True) -> None:
+    """Join ``address`` (``auto``, ``ray://host:10001``, ``host:6379``) or start a local instance.
 
+    ``verbose=False`` keeps Ray's chatter off the driver's terminal: workers' output is not forwarded
+    (``log_to_driver=False``; it stays in the session's log files), and the ``ray`` / ``ray.data``
+    loggers show errors only."""
+    import ray
+    import ray.data
+
+    if not verbose:
+        for name in ("ray", "ray.data"):
+            logging.getLogger(name).setLevel(logging.ERROR)
     if ray.is_initialized():
         return
-    kwargs: dict = {"include_dashboard": False, "log_to_driver": True, "configure_logging": False}
+    kwargs: dict = {"include_dashboard": False, "log_to_driver": verbose, "configure_logging": False}
     if address:
         ray.init(address=address, **kwargs)
     else:
@@ -197,11 +208,15 @@ def run_shards(
     on_track: Callable[[TrackRow], None] | None = None,
     actor_cls: type = SeparatorActor,
     max_attempts: int = MAX_ATTEMPTS_PER_TRACK,
+    should_stop: Callable[[], bool] | None = None,
 ) -> int:
     """Separate every track of ``shards`` on the actor pool; call ``on_shard`` as each shard completes.
 
     Returns the number of tracks processed. Shards complete in any order; ``on_shard`` (the commit)
     runs on the driver. A track is started at most ``max_attempts`` times (see :class:`SeparatorActor`).
+    Once ``should_stop()`` is true (checked between results and every ``STOP_POLL_S``), no further
+    result is taken and no further shard is committed: shards not complete by then are abandoned
+    (nothing of them reaches the manifests) and the caller shuts Ray down.
     """
     items = [{"shard_id": s.shard_id, "track_id": t.track_id, "uri": t.uri} for s in shards for t in s.tracks]
     results = {s.shard_id: ShardResult(s.shard_id) for s in shards}
@@ -218,18 +233,19 @@ def run_shards(
     kwargs = {"spec": spec, "settings_hash": settings_hash, "device": resources.device, "threads": int(resources.cpus_per_actor)}
     return _run_pool(
         items, actor_cls, kwargs, resources, {s.shard_id: len(s.tracks) for s in shards}, on_result,
-        lambda shard_id: on_shard(results.pop(shard_id)), max_attempts,
+        lambda shard_id: on_shard(results.pop(shard_id)), max_attempts, should_stop,
     )
 
 
 def _run_pool(
     items: list[dict], actor_cls: type, kwargs: dict, resources: Resources, sizes: dict[str, int],
     on_result: Callable[[str, str], None], on_shard_done: Callable[[str], None], max_attempts: int,
+    should_stop: Callable[[], bool] | None = None,
 ) -> int:
     """Run ``items`` through a pool of ``actor_cls`` (a :class:`_CountedActor` built with ``kwargs``
     plus a per-run :class:`AttemptCounter`), on the driver: ``on_result(shard_id, result)`` once per
     unit (a retried batch delivered twice is dropped), ``on_shard_done(shard_id)`` once a shard's
-    ``sizes[shard_id]`` units are all back. Returns the number of units processed."""
+    ``sizes[shard_id]`` units are all back, until ``should_stop()``. Returns the number of units processed."""
     import ray
 
     if not items:
@@ -239,8 +255,9 @@ def _run_pool(
     attempts = ray.remote(num_cpus=0)(AttemptCounter).remote()
     seen: dict[str, set[str]] = {shard_id: set() for shard_id in sizes}
     done = 0
+    feed = _Feed(_stream(items, actor_cls, {**kwargs, "attempts": attempts, "max_attempts": max_attempts}, resources))
     try:
-        for row in _stream(items, actor_cls, {**kwargs, "attempts": attempts, "max_attempts": max_attempts}, resources):
+        for row in feed.rows(should_stop or (lambda: False)):
             shard_id, unit_id = row["shard_id"], row["track_id"]
             if shard_id not in seen or unit_id in seen[shard_id]:
                 continue  # a retried batch delivered twice: keep the first
@@ -251,8 +268,55 @@ def _run_pool(
                 del seen[shard_id]
                 on_shard_done(shard_id)
     finally:
+        feed.close()
         ray.kill(attempts)
     return done
+
+
+STOP_POLL_S = 0.2  # how often the driver checks ``should_stop`` while it waits for the next result
+
+
+class _Feed:
+    """Results of a Ray Data iterator, pulled by a daemon thread into a queue, so the driver can stop
+    waiting for them (Ray Data's iterator has no timeout). After :meth:`close` the thread stops at
+    the next result; a thread still blocked in Ray ends when Ray shuts down."""
+
+    _END = object()
+
+    def __init__(self, source: Iterator[dict]) -> None:
+        self._queue: queue.Queue = queue.Queue()
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._pull, args=(source,), name="demix-results", daemon=True)
+        self._thread.start()
+
+    def _pull(self, source: Iterator[dict]) -> None:
+        try:
+            for row in source:
+                if self._closed.is_set():
+                    break
+                self._queue.put(row)
+        except BaseException as err:  # noqa: BLE001 - handed to the driver, which raises it
+            self._queue.put(err)  # (after Ctrl-C: the errors of an abandoned job, read by nobody)
+        finally:
+            getattr(source, "close", lambda: None)()  # Ray Data tears its executor down
+            self._queue.put(self._END)
+
+    def rows(self, should_stop: Callable[[], bool]) -> Iterator[dict]:
+        """Yield results as they come; return at the end, or as soon as ``should_stop()`` is true."""
+        while not should_stop():
+            try:
+                item = self._queue.get(timeout=STOP_POLL_S)
+            except queue.Empty:
+                continue
+            if item is self._END or should_stop():
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def close(self) -> None:
+        self._closed.set()
+        self._thread.join(timeout=STOP_POLL_S)
 
 
 def _stream(items: list[dict], actor_cls: type, kwargs: dict, resources: Resources) -> Iterator[dict]:
@@ -315,9 +379,11 @@ def run_remix_shards(
     on_shard: Callable[[str, list[dict], list[FailureRow]], None],
     on_example: Callable[[bool], None] | None = None,
     max_attempts: int = MAX_ATTEMPTS_PER_TRACK,
+    should_stop: Callable[[], bool] | None = None,
 ) -> int:
     """Build every recipe of ``shards`` (``(shard_id, [Recipe, ...])``) on a pool of CPU actors;
-    call ``on_shard(shard_id, rows, failures)`` as each shard completes. Returns examples built."""
+    call ``on_shard(shard_id, rows, failures)`` as each shard completes, until ``should_stop()``
+    (as in :func:`run_shards`). Returns examples built."""
     items = [{"shard_id": sid, "track_id": r.example_id, "recipe": r.to_json()} for sid, recipes in shards for r in recipes]
     rows: dict[str, list[dict]] = {sid: [] for sid, _ in shards}
     failures: dict[str, list[FailureRow]] = {sid: [] for sid, _ in shards}
@@ -333,7 +399,7 @@ def run_remix_shards(
 
     return _run_pool(
         items, RemixActor, {}, plan_resources(workers, "cpu"), {sid: len(recipes) for sid, recipes in shards}, on_result,
-        lambda shard_id: on_shard(shard_id, rows.pop(shard_id), failures.pop(shard_id)), max_attempts,
+        lambda shard_id: on_shard(shard_id, rows.pop(shard_id), failures.pop(shard_id)), max_attempts, should_stop,
     )
 
 
@@ -341,8 +407,13 @@ def _iter_rows(ds) -> Iterator[dict]:
     yield from ds.iter_rows()
 
 
-def shutdown_ray() -> None:
+def shutdown_ray(abandoned: bool = False) -> None:
+    """Shut Ray down (the actors stop at once). ``abandoned``: a result iterator was left running
+    (see :class:`_Feed`); its errors once Ray is gone are expected, so Ray's loggers go silent."""
     import ray
 
+    if abandoned:
+        for name in ("ray", "ray.data"):
+            logging.getLogger(name).setLevel(logging.CRITICAL + 1)
     if ray.is_initialized():
         ray.shutdown()

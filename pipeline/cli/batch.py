@@ -7,18 +7,22 @@ every other command (and ``--help``) would pay for it.
 from __future__ import annotations
 
 import argparse
-import os
+import contextlib
+import json
+import sys
 
 from tqdm import tqdm
 
 from demix.models.base import ModelLoadError
-from demix.models.registry import get_entry, model_options
+from demix.models.registry import get_entry, model_options, resolve_weights
+from demix.pipeline.batch import preflight
 from demix.pipeline.batch.catalog import CatalogError
 from demix.pipeline.batch.export import ClipRule, ExportError, export_lyrics, export_transcription
 from demix.pipeline.batch.remix import RemixConfig, RemixError
 from demix.pipeline.cli.common import add_no_progress, fail, progress
+from demix.pipeline.cli.console import EXIT_INTERRUPTED, Chatter, Interrupts, Status, quiet_libraries
 from demix.pipeline.engine import DETECTORS, SeparationSettings, plan_stems, settings_kwargs
-from demix.pipeline.io import Encoding, StorageError, encoding_kwargs
+from demix.pipeline.io import Encoding, StorageError, check_output_root, encoding_kwargs, output_root
 
 
 def add_parsers(sub, common: argparse.ArgumentParser) -> None:
@@ -47,16 +51,33 @@ def _add_run(sub, common: argparse.ArgumentParser) -> None:
     run.add_argument("--shard-size", type=int, default=16, help="tracks per commit (default: 16)")
     run.add_argument("--force", action="store_true", help="redo tracks already committed")
     run.add_argument(
+        "--dry-run", action="store_true",
+        help="say what would be done (tracks in the catalog, already committed, to do, shards) and exit; starts neither Prefect nor Ray",
+    )
+    run.add_argument(
         "--presence", choices=DETECTORS, default="combined",
         help="stem presence detector filling present/presence_score/active_segments (default: combined = the shipped "
         "'presence' classifier and the energy detector must agree; classifier or energy alone; none: leave the columns null)",
     )
+    add_output_flags(run)
     run.set_defaults(handler=cmd_run)
 
 
-def _quiet_prefect() -> None:
-    os.environ.setdefault("DO_NOT_TRACK", "1")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+def add_output_flags(parser: argparse.ArgumentParser) -> None:
+    """What ``run`` and ``remix`` show: ``-v``, ``--quiet``, ``--json``."""
+    g = parser.add_argument_group("output")
+    g.add_argument(
+        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+        help="show Prefect's and Ray's own log lines (hidden by default)",
+    )
+    g.add_argument("-q", "--quiet", action="store_true", help="no status line, no progress: errors and the summary line only")
+    g.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout (nothing else goes to stdout)")
+
+
+INTERRUPT_NOTICE = (
+    "Ctrl-C: stopping; no new work is taken, unfinished shards are abandoned (committed ones are kept). "
+    "Ctrl-C again to abort at once."
+)
 
 
 def _check_run(args: argparse.Namespace) -> None:
@@ -69,39 +90,116 @@ def _check_run(args: argparse.Namespace) -> None:
     plan_stems(entry.sources, stems=args.stems, two_stems=args.two_stems)
     if args.device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"--device for `demix run` is auto, cpu or cuda (one actor per GPU). Found: {args.device}")
+    if args.shard_size < 1:
+        raise ValueError(f"--shard-size must be >= 1. Found: {args.shard_size}")
+    check_output_root(args.out)
+    if args.weights:  # fetched and verified here, so a refused file fails before the catalog is read
+        how = resolve_weights(entry, args.weights, sha256=args.weights_sha256, trust=args.trust_weights)[2]
+        print(f"demix: weights {args.weights} verified by: {how}", file=sys.stderr)
+
+
+def _run_params(args: argparse.Namespace) -> dict:
+    """The catalog flow's parameters from the command line."""
+    return dict(
+        catalog=args.catalog, out=args.out, model=args.model, weights=args.weights,
+        weights_sha256=args.weights_sha256, trust_weights=args.trust_weights, model_options=model_options(args) or None,
+        settings=settings_kwargs(args), encoding=encoding_kwargs(args), stems=args.stems,
+        two_stems=args.two_stems, workers_count=args.workers, device=args.device,
+        ray_address=args.ray_address, shard_size=args.shard_size, force=args.force,
+        progress=not (args.no_progress or args.quiet), presence=args.presence, verbose=_verbose(args),
+    )
+
+
+def _verbose(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "verbose", False))
+
+
+def _preflight(args: argparse.Namespace) -> preflight.Pending:
+    """What the run has to do, from the catalog and the manifests alone (before Prefect or Ray)."""
+    p = _run_params(args)
+    spec = preflight.run_spec(
+        output_root(args.out), args.model, weights=p["weights"], weights_sha256=p["weights_sha256"],
+        trust_weights=p["trust_weights"],
+        model_options=p["model_options"], settings=p["settings"], encoding=p["encoding"], stems=p["stems"],
+        two_stems=p["two_stems"], presence=p["presence"],
+    )
+    return preflight.pending_tracks(args.catalog, spec, args.force)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    _quiet_prefect()
-    try:
-        _check_run(args)
-    except (ValueError, ModelLoadError) as err:
-        return fail(err)
-    from demix.flows.separate_catalog import separate_catalog  # lazy: Prefect takes seconds to import
+    quiet_libraries(_verbose(args))
+    status = Status(enabled=not args.quiet)
+    with Chatter(_verbose(args), "run"), Interrupts(INTERRUPT_NOTICE) as interrupts:
+        try:
+            _check_run(args)
+            status("reading the catalog and the committed manifests")
+            todo = _preflight(args)
+        except (ValueError, ModelLoadError, StorageError) as err:  # CatalogError is a ValueError
+            status(None)
+            return fail(err)
+        status(None)
+        if args.dry_run:
+            return _print_dry_run(args, todo)
+        if not todo.pending:  # a no-op rerun: the committed summary, without Prefect or Ray
+            return _finish_run(args, preflight.committed_summary(output_root(args.out), len(todo.tracks), todo.skipped))
+        if interrupts.should_stop():
+            return EXIT_INTERRUPTED
+        status("starting Prefect")
+        from demix.flows.separate_catalog import separate_catalog  # lazy: Prefect takes seconds to import
 
-    try:
-        summary = separate_catalog(
-            catalog=args.catalog, out=args.out, model=args.model, weights=args.weights,
-            weights_sha256=args.weights_sha256, model_options=model_options(args) or None,
-            settings=settings_kwargs(args), encoding=encoding_kwargs(args), stems=args.stems,
-            two_stems=args.two_stems, workers_count=args.workers, device=args.device,
-            ray_address=args.ray_address, shard_size=args.shard_size, force=args.force,
-            progress=not args.no_progress, presence=args.presence,
+        try:
+            with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+                summary = separate_catalog(**_run_params(args), should_stop=interrupts.should_stop, status=status)
+        except (CatalogError, StorageError, ModelLoadError) as err:
+            return fail(err)
+        except Exception as err:  # noqa: BLE001 - the flow's own failure (Ray, Prefect): one line, not a traceback
+            return fail(f"the run failed: {type(err).__name__}: {err} (rerun to resume; committed tracks are kept)")
+        finally:
+            status(None)
+        return _finish_run(args, summary)
+
+
+def _print_dry_run(args: argparse.Namespace, todo: preflight.Pending) -> int:
+    shards = -(-len(todo.pending) // args.shard_size)
+    facts = {
+        "dry_run": True, "catalog_tracks": len(todo.tracks), "already_committed": todo.skipped,
+        "to_do": len(todo.pending), "shards": shards, "shard_size": args.shard_size, "settings_hash": todo.settings_hash,
+    }
+    if args.json:
+        print(json.dumps(facts))
+    else:
+        print(
+            f"demix run --dry-run: {facts['catalog_tracks']} tracks in catalog, {facts['already_committed']} already "
+            f"committed with these settings{' (redone: --force)' if args.force else ''}, {facts['to_do']} to do in "
+            f"{shards} shard(s) of up to {args.shard_size}; nothing was run"
         )
-    except (CatalogError, StorageError, ModelLoadError) as err:
-        return fail(err)
-    except Exception as err:  # noqa: BLE001 - the flow's own failure (Ray, Prefect): one line, not a traceback
-        return fail(f"the run failed: {type(err).__name__}: {err} (rerun to resume; committed tracks are kept)")
-    print_run_summary(summary, args.out if "://" in args.out else os.path.abspath(args.out))
+    return 0
+
+
+def _finish_run(args: argparse.Namespace, summary: dict) -> int:
+    """Print the summary (text, one line with ``--quiet``, or JSON) and return the exit status."""
+    out = output_root(args.out)
+    if args.json:
+        print(json.dumps({**summary, "out": out}, default=str))
+    else:
+        print_run_summary(summary, out, brief=args.quiet)
+    if summary.get("interrupted"):
+        return EXIT_INTERRUPTED
     return 1 if summary["failed_now"] else 0
 
 
-def print_run_summary(summary: dict, out: str) -> None:
-    """One screen: counts, speed, where things are, and each failure on one line."""
+def print_run_summary(summary: dict, out: str, brief: bool = False) -> None:
+    """One screen: counts, speed, where things are, and each failure on one line (``brief``: the
+    first line and the failures)."""
+    stopped = " (interrupted: rerun the same command to resume)" if summary.get("interrupted") else ""
     print(
         f"demix run: {summary['catalog_tracks']} tracks in catalog, {summary['skipped_already_committed']} already done, "
-        f"{summary['ok_now']} separated, {summary['failed_now']} failed"
+        f"{summary['ok_now']} separated, {summary['failed_now']} failed{stopped}"
     )
+    if brief:
+        for f in summary["failures"]:
+            print(f"  failed [{f['stage']}] {f['source_uri']}: {f['error_type']}: {f['message'][:160]}")
+        return
     print(
         f"  audio: {summary['audio_seconds_now']:.1f} s in {summary['wall_seconds_now']:.1f} s "
         f"({summary['realtime_factor_now']:.2f}x real time); committed in total: {summary['committed_ok_total']} ok, "
@@ -142,39 +240,55 @@ def _add_remix(sub) -> None:
     rx.add_argument("--ray-address", metavar="ADDR", help="join this Ray cluster (default: start a local instance)")
     rx.add_argument("--shard-size", type=int, default=32, help="examples per commit (default: 32)")
     add_no_progress(rx)
+    add_output_flags(rx)
     rx.set_defaults(handler=cmd_remix)
 
 
 def cmd_remix(args: argparse.Namespace) -> int:
-    _quiet_prefect()
+    quiet_libraries(_verbose(args))
     try:
         RemixConfig(examples=args.examples, seed=args.seed, seconds=args.seconds, gain_db=tuple(args.gain_db), split=args.split)
         if args.shard_size < 1:
             raise ValueError(f"--shard-size must be >= 1. Found: {args.shard_size}")
-    except ValueError as err:
+        check_output_root(args.out)
+    except (ValueError, StorageError) as err:
         return fail(err)
-    from demix.flows.build_remix_dataset import build_remix_dataset  # lazy: Prefect takes seconds to import
+    status = Status(enabled=not args.quiet)
+    with Chatter(_verbose(args), "remix"), Interrupts(INTERRUPT_NOTICE) as interrupts:
+        status("starting Prefect")
+        from demix.flows.build_remix_dataset import build_remix_dataset  # lazy: Prefect takes seconds to import
 
-    try:
-        summary = build_remix_dataset(
-            run_uri=args.run, out=args.out, examples=args.examples, seed=args.seed, seconds=args.seconds,
-            gain_db=tuple(args.gain_db), split=args.split, workers_count=args.workers, ray_address=args.ray_address,
-            shard_size=args.shard_size, progress=not args.no_progress,
-        )
-    except (RemixError, StorageError) as err:
-        return fail(err)
-    except Exception as err:  # noqa: BLE001 - the flow's own failure: one line, not a traceback
-        return fail(f"the remix run failed: {type(err).__name__}: {err} (rerun to resume; committed examples are kept)")
-    print_remix_summary(summary)
-    return 1 if summary["failed_now"] else 0
+        try:
+            with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+                summary = build_remix_dataset(
+                    run_uri=args.run, out=args.out, examples=args.examples, seed=args.seed, seconds=args.seconds,
+                    gain_db=tuple(args.gain_db), split=args.split, workers_count=args.workers,
+                    ray_address=args.ray_address, shard_size=args.shard_size,
+                    progress=not (args.no_progress or args.quiet), should_stop=interrupts.should_stop, status=status,
+                    verbose=_verbose(args),
+                )
+        except (RemixError, StorageError) as err:
+            return fail(err)
+        except Exception as err:  # noqa: BLE001 - the flow's own failure: one line, not a traceback
+            return fail(f"the remix run failed: {type(err).__name__}: {err} (rerun to resume; committed examples are kept)")
+        finally:
+            status(None)
+    if args.json:
+        print(json.dumps({**summary, "out": output_root(args.out)}, default=str))
+    else:
+        print_remix_summary(summary, brief=args.quiet)
+    return EXIT_INTERRUPTED if summary.get("interrupted") else (1 if summary["failed_now"] else 0)
 
 
-def print_remix_summary(summary: dict) -> None:
+def print_remix_summary(summary: dict, brief: bool = False) -> None:
+    stopped = " (interrupted: rerun the same command to resume)" if summary.get("interrupted") else ""
     print(
         f"demix remix: {summary['examples_planned']} examples planned, {summary['skipped_already_committed']} already done, "
         f"{summary['built_now']} built, {summary['failed_now']} failed; {summary['committed_total']} committed "
-        f"({', '.join(f'{k}: {v}' for k, v in sorted(summary['by_target_stem'].items()))})"
+        f"({', '.join(f'{k}: {v}' for k, v in sorted(summary['by_target_stem'].items()))}){stopped}"
     )
+    if brief:
+        return
     print(f"  dataset: {summary['dataset']}  (demix train {summary['dataset']} ...)")
     for kind, uri in summary["manifests"].items():
         print(f"  {kind + ':':<10} {uri}")

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
 
 import torch
 
 from demix.models.registry import add_model_flags
 from demix.pipeline.engine import add_separation_flags, add_stem_flags
-from demix.pipeline.io import add_encoding_flags
+from demix.pipeline.io import add_encoding_flags, is_remote, local_path
 
 
 def fail(message: object) -> int:
@@ -18,13 +20,43 @@ def fail(message: object) -> int:
     return 2
 
 
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")
+
+
 def device(name: str) -> str:
-    """``--device``: ``auto`` becomes ``cuda`` when torch sees a GPU, else ``cpu``."""
+    """``--device``: ``auto`` becomes ``cuda`` when torch sees a GPU, else ``cpu``.
+
+    Raises:
+        ValueError: a name other than auto, cpu, cuda, cuda:N or mps, or a device torch does not see.
+    """
+    if not _DEVICE.fullmatch(name):
+        raise ValueError(f"--device must be auto, cpu, cuda, cuda:N or mps. Found: {name!r}")
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"demix: --device {name} asked for, but torch sees no CUDA device")
+    if name.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(name.partition(":")[2] or 0)
+        if index >= count:
+            raise ValueError(f"--device {name} asked for, but torch sees {count} CUDA device(s)")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("--device mps asked for, but torch sees no MPS device")
     return name
+
+
+def check_output_folder(uri: str) -> None:
+    """Refuse a local output folder that cannot be one (an existing file, or a path under a file)
+    before any work starts; object-store prefixes are not checked.
+
+    Raises:
+        ValueError: naming the file in the way.
+    """
+    if is_remote(uri):
+        return
+    path = os.path.abspath(local_path(uri))
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        raise ValueError(f"-o {uri}: {path} exists and is not a folder")
 
 
 def parse_option(text: str) -> tuple[str, object]:
@@ -62,6 +94,17 @@ def separation_parent() -> argparse.ArgumentParser:
     add_model_flags(g)
     add_stem_flags(g)
     add_encoding_flags(g)
+    add_separation_flags(g)
+    add_no_progress(g)
+    return common
+
+
+def evaluation_parent() -> argparse.ArgumentParser:
+    """The options of ``demix evaluate``: the model and how it is applied; no stem choice or encoding
+    (evaluation scores every source in memory and writes no audio)."""
+    common = argparse.ArgumentParser(add_help=False)
+    g = common.add_argument_group("model and separation")
+    add_model_flags(g)
     add_separation_flags(g)
     add_no_progress(g)
     return common

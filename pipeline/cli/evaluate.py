@@ -3,28 +3,30 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from tqdm import tqdm
 
 from demix.models.base import ModelLoadError
 from demix.models.registry import load_model, model_options
-from demix.pipeline.cli.common import device, fail, progress
+from demix.pipeline.cli.common import device, evaluation_parent, fail, progress
 from demix.pipeline.engine import Detector, SeparationSettings, settings_kwargs
 from demix.pipeline.learn.evaluate import evaluate_dataset, model_estimator
 from demix.pipeline.learn.presence import evaluate_presence
 
 
-def add_parser(sub, common: argparse.ArgumentParser) -> None:
+def add_parser(sub) -> None:
     ev = sub.add_parser(
         "evaluate",
-        parents=[common],
+        parents=[evaluation_parent()],
         help="score a model on a MUSDB-layout dataset (museval v4 SDR/SIR/SAR, SI-SDR), or stem presence (--presence)",
         description=(
             "Separate every track of DATASET (a folder of <track>/{mixture,vocals,drums,bass,other}.wav; for "
             "MUSDB18-HQ its test/) and score each stem with BSS Eval v4 as museval does (1 s windows, median over "
             "windows, then median over tracks) plus SI-SDR. --model mixture and --model irm are the oracle floor "
-            "and ceiling. Writes OUT/scores.parquet, OUT/summary.md and OUT/summary.html. Silent reference stems "
-            "are left out and counted."
+            "and ceiling. Writes OUT/scores.parquet, OUT/summary.md and OUT/summary.html. A reference below -90 dBFS "
+            "(mean square) is silent: silent reference stems are left out and counted, and windows in which a "
+            "stem's reference is silent are not scored for it (a stem with no scored window counts as silent)."
         ),
     )
     ev.add_argument("dataset", metavar="DATASET")
@@ -46,7 +48,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             estimator = args.model  # the oracles, computed from the references
         else:
             settings = SeparationSettings(**settings_kwargs(args), device=device(args.device))
-            model = load_model(args.model, weights=args.weights, sha256=args.weights_sha256, device=settings.device, **model_options(args))
+            model = load_model(
+                args.model, weights=args.weights, sha256=args.weights_sha256, trust=args.trust_weights,
+                device=settings.device, **model_options(args),
+            )
+            if args.weights:
+                print(f"demix: weights {args.weights} verified by: {model.weights_verified_by}", file=sys.stderr)
             estimator = model_estimator(model, settings)
         with tqdm(unit="track", disable=args.no_progress) as bar:
 
@@ -74,7 +81,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_presence(args: argparse.Namespace) -> int:
     try:
         settings = SeparationSettings(**settings_kwargs(args), device=device(args.device))
-        separator = load_model(args.model, weights=args.weights, sha256=args.weights_sha256, device=settings.device)
+        separator = load_model(args.model, weights=args.weights, sha256=args.weights_sha256, trust=args.trust_weights, device=settings.device)
         detectors = {
             "energy": Detector("energy"),
             "classifier": Detector("classifier", weights=args.presence_weights),

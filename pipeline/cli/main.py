@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     separate.add_parser(sub, common)
     batch.add_parsers(sub, common)
     train.add_parsers(sub)
-    evaluate.add_parser(sub, common)
+    evaluate.add_parser(sub)
     models.add_parser(sub)
     return parser
 

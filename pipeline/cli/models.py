@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 
 from demix.models.registry import DEFAULT_MODEL, list_models
+from demix.pipeline.learn.oracles import ORACLES
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("models", help="list registered models", description="List registered models and where their weights live.")
+    p = sub.add_parser("models", help="list registered models", description="List registered models and where their weights live, and the oracles `demix evaluate` computes from references (irm).")
     p.set_defaults(handler=cmd_models)
 
 
@@ -23,4 +24,8 @@ def cmd_models(_: argparse.Namespace) -> int:
         print(f"{entry.name}{default}{kind}\n  {entry.description}\n  rate {entry.sample_rate} Hz, stems {', '.join(entry.sources)}\n  weights {weights}")
         if entry.options():
             print(f"  options: {', '.join(entry.options())}")
+    registered = {entry.name for entry in list_models()}
+    for name, description in ORACLES.items():
+        if name not in registered:  # computed from the references: not a separator, nothing to load
+            print(f"{name} [evaluation oracle: only `demix evaluate --model {name}`]\n  {description}\n  weights none needed")
     return 0

@@ -15,11 +15,11 @@ from demix.pipeline.engine.presence import (
     energy_activation, refine_edges, runs, segments_from_activation, smooth, to_db,
 )
 from demix.pipeline.engine.track import (
-    StemPlan, TrackError, TrackResult, add_stem_flags, plan_stems, separate_track,
+    Cancelled, StemPlan, TrackError, TrackResult, add_stem_flags, plan_stems, separate_track,
 )
 
 __all__ = [
-    "BAND_EDGES_HZ", "CLASSIFIER_RULE", "DEFAULT_CLASSIFIER", "DEFAULT_DETECTOR", "DETECTORS", "FRAME_S",
+    "Cancelled", "BAND_EDGES_HZ", "CLASSIFIER_RULE", "DEFAULT_CLASSIFIER", "DEFAULT_DETECTOR", "DETECTORS", "FRAME_S",
     "Detector", "EnergyConfig", "Features", "FrameFeatures", "Hysteresis", "Presence", "PresenceError", "Segment",
     "SeparationSettings", "StemPlan", "TrackError", "TrackResult", "add_separation_flags", "add_stem_flags",
     "classifier_activation", "classifier_inputs", "decide", "detect_classifier", "detect_combined", "detect_energy",

@@ -94,7 +94,7 @@ def add_separation_flags(parser: argparse.ArgumentParser | argparse._ArgumentGro
     parser.add_argument("--overlap", type=float, default=0.25, help="chunk overlap fraction in [0, 1) (default: 0.25)")
     parser.add_argument("--shifts", type=int, default=0, help="random-shift passes to average (default: 0)")
     parser.add_argument("--batch-size", type=int, default=1, help="chunks per forward call (default: 1)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     parser.add_argument(
         "--dtype", choices=tuple(_DTYPES), default="float32", help="compute dtype (default: float32)"
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -98,6 +99,14 @@ class TrackError(StagedError, RuntimeError):
         return type(self.cause).__name__
 
 
+class Cancelled(Exception):
+    """:func:`separate_track` stopped because its ``cancel`` event was set; nothing was written."""
+
+    def __init__(self, source: str) -> None:
+        super().__init__(f"{source}: cancelled; its staged stems were discarded")
+        self.source = source
+
+
 @dataclass(frozen=True)
 class TrackResult:
     """What :func:`separate_track` wrote for one source."""
@@ -125,6 +134,7 @@ class _Job:
     settings: SeparationSettings
     block_seconds: float
     progress: Callable[[float], None] | None
+    cancel: threading.Event | None = None
 
     def conformed(self, stream: AudioStream) -> Iterator[Tensor]:
         """``(channels, n)`` blocks of ``stream`` at the model's rate and channel count."""
@@ -149,7 +159,7 @@ def _stage(source: str, stage: str) -> Iterator[None]:
     """Turn a failure in the block into a :class:`TrackError` of ``stage`` (or of the stage the error names)."""
     try:
         yield
-    except TrackError:
+    except (TrackError, Cancelled):
         raise
     except Exception as err:  # noqa: BLE001 - every failure becomes one typed, staged error
         raise TrackError(source, stage_of(err, stage), err) from err
@@ -166,6 +176,7 @@ def separate_track(
     block_seconds: float = 30.0,
     progress: Callable[[float], None] | None = None,
     presence: Detector | None = None,
+    cancel: threading.Event | None = None,
 ) -> TrackResult:
     """Decode ``source``, separate it chunk by chunk and write each stem in ``plan`` to ``outputs[stem]``.
 
@@ -180,15 +191,18 @@ def separate_track(
         presence: a detector; frame features of every model source, every summed stem and the
             mixture (the sum of the sources) are gathered while encoding, and the detector's verdict
             per written stem lands in :attr:`TrackResult.presence`.
+        cancel: when set (from another thread), the track stops before its next model chunk and
+            its staged stems are discarded; a track whose model pass is done still commits.
 
     Raises:
         TrackError: naming the source and the stage (read, decode, separate, encode, presence, write).
+        Cancelled: ``cancel`` was set; nothing was written at the final URIs.
     """
     missing = [s for s in plan.names if s not in outputs]
     if missing:
         raise ValueError(f"no output URI for stems {missing}")
     started = time.perf_counter()
-    job = _Job(model, source, plan, settings, block_seconds, progress)
+    job = _Job(model, source, plan, settings, block_seconds, progress, cancel)
     # leaving the staging area and the local copy, after the commit, is part of the write stage
     with _stage(source, "write"), contextlib.ExitStack() as held:
         with _stage(source, "read"):
@@ -286,7 +300,7 @@ def _run_model(job: _Job, blocks: Iterable[Tensor], sink: _StemSink, stats: tupl
         # decoding runs ahead and encoding runs behind in their own threads, so the model
         # is not kept waiting on I/O (all three release the GIL in their heavy parts)
         with Prefetch(_counting(blocks, job.progress, model.sample_rate), depth=2) as ahead, Behind(sink) as behind:
-            for est in separate_stream(model, ahead, job.settings, stats=stats):
+            for est in separate_stream(model, _until_cancelled(ahead, job), job.settings, stats=stats):
                 frames += est.shape[-1]
                 behind.submit(est)
     return frames
@@ -298,6 +312,20 @@ def _detect(job: _Job, presence: Detector | None, features: FrameFeatures | None
         return {}
     with _stage(job.source, "presence"):
         return presence(features.finish(), job.plan.names)
+
+
+def _until_cancelled(blocks: Iterable[Tensor], job: _Job) -> Iterator[Tensor]:
+    """``blocks`` cut into pieces of one model chunk, raising :class:`Cancelled` before a piece once
+    ``job.cancel`` is set (overlap-add gives the same output for any block sizes)."""
+    if job.cancel is None:
+        yield from blocks
+        return
+    size = job.settings.segment_samples(job.model)
+    for block in blocks:
+        for piece in block.split(size, dim=-1):
+            if job.cancel.is_set():
+                raise Cancelled(job.source)
+            yield piece
 
 
 def _dbfs(energy: float, samples: int) -> float:

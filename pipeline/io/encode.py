@@ -20,7 +20,7 @@ import os
 import shutil
 import struct
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import BinaryIO
 
 import numpy as np
@@ -31,7 +31,7 @@ from demix.pipeline.io.stream import (
     _COPY_CHUNK, _SF_ERRORS, AudioError, _check_finite, _object_name, _positive_int, _remove, _sf_message,
 )
 
-__all__ = ["AudioWriter", "Encoding", "save_audio", "write_float_wav"]
+__all__ = ["MP3_BITRATES", "AudioWriter", "Encoding", "save_audio", "write_float_wav"]
 
 # Largest magnitude 16-bit PCM stores (32767 / 32768), exact in float32.
 _CLAMP_LIMIT = 1.0 - 2.0**-15
@@ -46,33 +46,66 @@ _SUBTYPES = {
 }
 
 
+MP3_BITRATES = (32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320)
+"""Bit rates (kbit/s) ``mp3_bitrate`` takes: those of MPEG-1 Layer III (sample rates of 32 kHz and up)."""
+
+
 @dataclass(frozen=True)
 class Encoding:
     """How stems are written.
 
     Attributes:
         format: ``'wav'``, ``'flac'`` or ``'mp3'``.
-        bit_depth: ``'16'``, ``'24'`` or ``'32f'`` (32-bit float). FLAC takes 16 or 24 only. MP3
-            ignores it (the codec decides; libsndfile's default variable bit rate).
+        bit_depth: ``'16'``, ``'24'`` or ``'32f'`` (32-bit float) for WAV and FLAC (FLAC takes 16 or 24
+            only); ``None`` means 16 there. MP3 has no bit depth: it must stay ``None``.
         clip: ``'rescale'``, ``'clamp'`` or ``'none'``, see the module docstring.
+        mp3_bitrate: MP3 only: constant bit rate in kbit/s, one of :data:`MP3_BITRATES`; ``None`` means
+            320 (as demucs' ``--mp3-bitrate``). At sample rates below 32 kHz MPEG-2 caps Layer III at
+            160 kbit/s (64 below 16 kHz), and a higher rate is lowered to that cap.
     """
 
     format: str = "wav"
-    bit_depth: str = "16"
+    bit_depth: str | None = None
     clip: str = "rescale"
+    mp3_bitrate: int | None = None
 
     def __post_init__(self) -> None:
         if self.format not in ("wav", "flac", "mp3"):
             raise ValueError(f"unknown audio format {self.format!r}; expected 'wav', 'flac' or 'mp3'")
-        if self.bit_depth not in ("16", "24", "32f"):
+        if self.bit_depth is not None and self.bit_depth not in ("16", "24", "32f"):
             raise ValueError(f"unknown bit depth {self.bit_depth!r}; expected the string '16', '24' or '32f'")
         if self.clip not in ("rescale", "clamp", "none"):
             raise ValueError(f"unknown clip mode {self.clip!r}; expected 'rescale', 'clamp' or 'none'")
+        if self.format == "mp3":
+            self._check_mp3()
+            return
+        if self.mp3_bitrate is not None:
+            raise ValueError(
+                f"mp3_bitrate (--mp3-bitrate) applies to format 'mp3' only, not to format={self.format!r} (--format {self.format})"
+            )
+        if self.bit_depth is None:
+            object.__setattr__(self, "bit_depth", "16")
         if self.format == "flac" and self.bit_depth == "32f":
             raise ValueError(
                 "format='flac' with bit_depth='32f' is not possible: FLAC stores integer samples only; "
                 "use bit_depth '16' or '24', or format 'wav' for 32-bit float"
             )
+
+    def _check_mp3(self) -> None:
+        if self.bit_depth is not None:
+            raise ValueError(
+                f"bit_depth={self.bit_depth!r} (--bit-depth) does not apply to format='mp3' (--format mp3): MP3 has "
+                "no bit depth; choose its bit rate with mp3_bitrate (--mp3-bitrate KBPS)"
+            )
+        if self.mp3_bitrate is None:
+            object.__setattr__(self, "mp3_bitrate", 320)
+        if isinstance(self.mp3_bitrate, bool) or self.mp3_bitrate not in MP3_BITRATES:
+            raise ValueError(f"MP3 bit rate {self.mp3_bitrate!r} kbit/s is not an MPEG Layer III bit rate; expected one of {MP3_BITRATES}")
+
+    def hash_fields(self) -> dict:
+        """The fields that change the written files, for settings hashes (unset ones left out, so adding
+        an option does not change the hash of runs that never used it)."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
 
     @property
     def extension(self) -> str:
@@ -83,6 +116,17 @@ class Encoding:
         if self.format == "mp3":
             return "MP3", "MPEG_LAYER_III"
         return self.format.upper(), _SUBTYPES[(self.format, self.bit_depth)]
+
+
+def _mp3_compression_level(kbps: int, sample_rate: int) -> float:
+    """libsndfile's ``compression_level`` that makes LAME write ``kbps`` at constant bit rate.
+
+    libsndfile (>= 1.1, ``mpeg_l3_encode.c``) maps a level ``c`` in [0, 1] linearly onto the MPEG
+    version's bit-rate range, ``int(hi - c * (hi - lo))``: [32, 320] from 32 kHz, [8, 160] from 16 kHz,
+    [8, 64] below. Half a kbit/s of margin keeps the truncation on ``kbps``; rates above ``hi`` become ``hi``.
+    """
+    lo, hi = (32, 320) if sample_rate >= 32000 else (8, 160) if sample_rate >= 16000 else (8, 64)
+    return min(1.0, max(0.0, (hi - kbps - 0.5) / (hi - lo)))
 
 
 def _as_numpy(block: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -183,8 +227,11 @@ class AudioWriter:
                 fd, self._local = tempfile.mkstemp(prefix="demix-encode-", suffix="." + self.encoding.extension)
                 os.close(fd)
                 dest = self._local
+        mp3 = {}
+        if self.encoding.format == "mp3":
+            mp3 = {"bitrate_mode": "CONSTANT", "compression_level": _mp3_compression_level(self.encoding.mp3_bitrate, self.sample_rate)}
         try:
-            sink = sf.SoundFile(dest, mode="w", samplerate=self.sample_rate, channels=self.channels, format=fmt, subtype=subtype)
+            sink = sf.SoundFile(dest, mode="w", samplerate=self.sample_rate, channels=self.channels, format=fmt, subtype=subtype, **mp3)
         except _SF_ERRORS as err:
             raise self._error(f"cannot open it for writing as {fmt}/{subtype}", err) from err
         self._created = self._is_path
@@ -326,13 +373,17 @@ def write_float_wav(path: str | os.PathLike, audio: np.ndarray, sample_rate: int
 
 
 def add_encoding_flags(parser) -> None:
-    """The options of :class:`Encoding` (``--format``, ``--bit-depth``, ``--clip-mode``); read them back with
-    :func:`encoding_kwargs`. ``parser`` is a parser or an argument group."""
+    """The options of :class:`Encoding` (``--format``, ``--bit-depth``, ``--mp3-bitrate``, ``--clip-mode``); read
+    them back with :func:`encoding_kwargs`. ``parser`` is a parser or an argument group."""
     parser.add_argument("--format", choices=("wav", "flac", "mp3"), default="wav", help="output format (default: wav)")
-    parser.add_argument("--bit-depth", choices=("16", "24", "32f"), default="16", help="PCM depth for wav/flac; 32f = float (wav only; default: 16)")
+    parser.add_argument("--bit-depth", choices=("16", "24", "32f"), help="PCM depth for wav/flac; 32f = float (wav only; default: 16); not for mp3")
+    parser.add_argument(
+        "--mp3-bitrate", type=int, choices=MP3_BITRATES, metavar="KBPS",
+        help="mp3 only: constant bit rate in kbit/s, an MPEG rate from 32 to 320: 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320 (default: 320)",
+    )
     parser.add_argument("--clip-mode", choices=("rescale", "clamp", "none"), default="rescale", help="how to avoid clipping (default: rescale)")
 
 
 def encoding_kwargs(args) -> dict:
     """``Encoding(**encoding_kwargs(args))`` from the options :func:`add_encoding_flags` declared."""
-    return {"format": args.format, "bit_depth": args.bit_depth, "clip": args.clip_mode}
+    return {"format": args.format, "bit_depth": args.bit_depth, "clip": args.clip_mode, "mp3_bitrate": args.mp3_bitrate}

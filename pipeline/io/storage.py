@@ -4,7 +4,8 @@ Rules every writer in demix follows:
 
 * Final keys are written atomically: the bytes go to a temporary name first (a temp file in the same
   local folder, or a local spool for object stores) and only a complete file is renamed or uploaded
-  to its final key. An exception on the way leaves nothing at the final key.
+  to its final key. An exception on the way leaves nothing at the final key. A local final file
+  gets the mode ``open()`` would give it (``0o666 & ~umask``), not the temp file's 0600.
 * Names derived from user input go through :func:`safe_component`, so no source name can write
   outside the output root.
 * Credentials never travel as arguments: s3fs reads the standard AWS environment and config files
@@ -91,6 +92,25 @@ def output_root(uri: str) -> str:
     """``uri`` as every process of a run should see it: a remote URI without a trailing slash, a
     local path made absolute (Ray workers may run in another working directory)."""
     return uri.rstrip("/") if is_remote(uri) else os.path.abspath(local_path(uri))
+
+
+def check_output_root(uri: str) -> None:
+    """Raise :class:`StorageError` (stage ``write``) when ``uri`` cannot be an output root: it names an
+    existing file (locally or an object), or, for a local path, its nearest existing parent is not a
+    writable folder. Cheap (a stat or one HEAD request): run it before any work starts."""
+    root = output_root(uri)
+    if is_remote(root):
+        fs, path = filesystem(root)
+        if fs.isfile(path):
+            raise StorageError(root, "is an existing object, not a folder for the outputs")
+        return
+    probe = root
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise StorageError(root, f"{probe} is an existing file, not a folder for the outputs")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise StorageError(root, f"{probe} is not writable")
 
 
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -184,6 +204,27 @@ def local_copy(uri: str, *, spool_dir: str | None = None) -> Iterator[str]:
         Path(tmp).unlink(missing_ok=True)
 
 
+def _umask() -> int:
+    """The process umask, read without changing it (Linux's ``/proc/self/status``), so no other thread
+    sees a changed umask; elsewhere it is set and restored at once."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _publish_mode(path: str) -> None:
+    """Give a staged file the mode ``open()`` would have created it with (``0o666 & ~umask``): temp files
+    come from ``mkstemp`` as 0600, and a rename or link keeps that mode."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
 def _temp_beside(final: str | os.PathLike, *, prefix: str = ".demix-", suffix: str = ".part") -> str:
     """A new empty temp file in the folder of the local path ``final`` (created with its parents).
 
@@ -271,11 +312,16 @@ class AtomicOutput:
 
 
 def put_file(local: str, uri: str) -> None:
-    """Move/upload a finished local file to ``uri`` as one atomic step."""
+    """Move/upload a finished local file to ``uri`` as one atomic step.
+
+    A local target gets the mode a plain ``open()`` gives (``0o666 & ~umask``), whatever the staged
+    file's own mode (temp files are 0600).
+    """
     try:
         if not is_remote(uri):
             final = local_path(uri)
             os.makedirs(os.path.dirname(os.path.abspath(final)), exist_ok=True)
+            _publish_mode(local)
             os.replace(local, final)
         else:
             fs, path = filesystem(uri)
@@ -345,6 +391,7 @@ def create_once(uri: str, data: bytes) -> bool:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        _publish_mode(tmp)
         os.link(tmp, final)  # atomic create-if-absent on POSIX file systems
         return True
     except FileExistsError:

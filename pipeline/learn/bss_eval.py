@@ -224,8 +224,9 @@ def _filters(system: _System, reg: float | None) -> list[tuple[np.ndarray, np.nd
     return out
 
 
-def _frames(length: int, window: float, hop: float) -> list[slice]:
-    """museval's ``Framing``: window starts ``floor(t * hop)``, full windows only (one if too short)."""
+def frame_slices(length: int, window: float, hop: float) -> list[slice]:
+    """museval's ``Framing`` for ``length`` samples, ``window`` and ``hop`` in samples: window starts
+    ``floor(t * hop)``, full windows only (one if the signal is shorter than a window)."""
     if window < length:
         nwin = int(np.floor((length - window + hop) / hop))
         return [
@@ -310,7 +311,7 @@ def bss_eval_frames(
     """:func:`bss_eval_v4` on ``(sources, channels, time)`` arrays (views are fine), ``window`` and ``hop``
     in samples; no input checks (callers check)."""
     system = _system(refs, ests, taps)
-    slices = _frames(refs.shape[-1], window, hop)
+    slices = frame_slices(refs.shape[-1], window, hop)
     filters = _filters(system, None)
     if filters is not None:
         exact, probe = _window_scores(refs, ests, system.basis, filters, slices)

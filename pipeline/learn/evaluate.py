@@ -18,7 +18,7 @@ import torchaudio
 from demix.pipeline.data import find_tracks, load_track
 from demix.pipeline.engine import SeparationSettings, separate
 from demix.pipeline.io import conform
-from demix.pipeline.learn.bss_eval import bss_eval_frames, si_sdr
+from demix.pipeline.learn.bss_eval import bss_eval_frames, frame_slices, si_sdr
 from demix.pipeline.learn.oracles import oracle_estimates
 from demix.pipeline.learn.report import EvalReport, write_report
 from demix.pipeline.learn.scores import TrackScores, aggregate
@@ -43,6 +43,11 @@ def score_track(
 ) -> tuple[list[TrackScores], list[str]]:
     """Score every stem of one track with BSS Eval v4 (all non-silent stems jointly) and SI-SDR.
 
+    The silence rule (:func:`demix.pipeline.stems.is_silent`, below
+    :data:`~demix.pipeline.stems.SILENCE_DBFS`) applies to the whole reference and to each of its
+    windows: a window in which a stem's reference is silent is NaN for that stem and left out of its
+    median (museval does the same for all-zero windows), and a stem with no window left is silent.
+
     Args:
         references: ``{stem: (channels, time)}``, all of one shape.
         estimates: ``{stem: (channels, time')}`` for at least the stems of ``references``; each is
@@ -61,7 +66,9 @@ def score_track(
     if not stems:
         return [], []
     refs, ests = _checked(track, references, estimates)
-    silent = [s for s in stems if is_silent(refs[s])]
+    slices = frame_slices(refs[stems[0]].shape[-1], window * sample_rate, hop * sample_rate)
+    quiet = {s: np.array([is_silent(refs[s][:, w]) for w in slices]) for s in stems}  # per window
+    silent = [s for s in stems if is_silent(refs[s]) or quiet[s].all()]
     kept = [s for s in stems if s not in silent]
     if not kept:
         return [], silent
@@ -70,6 +77,8 @@ def score_track(
     frames = bss_eval_frames(r, e, window * sample_rate, hop * sample_rate)
     scores = []
     for j, stem in enumerate(kept):
+        for m in frames:
+            frames[m][j][quiet[stem]] = np.nan  # silent reference windows are not scored
         ok = ~np.isnan(frames["sdr"][j])
         med = {m: float(np.median(frames[m][j][ok])) if ok.any() else math.nan for m in frames}
         scores.append(

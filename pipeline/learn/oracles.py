@@ -7,6 +7,12 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
+ORACLES = {
+    "mixture": "every stem's estimate is the mixture: the floor any model should beat",
+    "irm": "ideal ratio mask computed from the reference stems (IRM2, STFT 4096/1024): the ceiling of masking",
+}
+"""The oracles ``demix evaluate --model NAME`` computes from a dataset's references, with a description."""
+
 
 def oracle_estimates(
     mode: str,

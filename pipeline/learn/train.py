@@ -67,6 +67,7 @@ class TrainConfig:
         grad_clip: max gradient norm, ``None`` for no clipping.
         augment: training augmentation.
         init_weights: weights file (path or URI) to start from (fine-tuning); ``None`` trains from scratch.
+            Loaded without requiring a checksum (a ``-<sha8>`` in its name is still checked).
     """
 
     dataset: str
@@ -281,8 +282,10 @@ def _build(config: TrainConfig, out: Path, device: torch.device, log: Callable[[
     """The model (from scratch or ``init_weights``), the training sampler, the validation excerpts and
     the optimizer of a run."""
     entry = get_entry(config.model)
-    # from scratch, or from init_weights (fine-tuning)
-    model = load_model(config.model, device=device, pretrained=False, weights=config.init_weights, **config.model_options)
+    # from scratch, or from init_weights (fine-tuning): the user's own artefacts, loaded as with --trust-weights
+    model = load_model(
+        config.model, device=device, pretrained=False, weights=config.init_weights, trust=True, **config.model_options
+    )
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
