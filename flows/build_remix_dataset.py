@@ -18,7 +18,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from demix.flows.separate_catalog import Console, LazyBar, retryable, start_pool, stopped  # retryable: RemixError is a ValueError
+from demix.flows.common import Console, LazyBar, retryable, start_pool, stopped  # retryable: RemixError is a ValueError
 from demix.pipeline.batch import manifest, remix, report as reports, workers
 from demix.pipeline.io import join, output_root
 

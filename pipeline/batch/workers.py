@@ -23,14 +23,14 @@ import json
 import logging
 import math
 import os
-import queue
-import threading
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 
 import torch
 
 from demix.pipeline.batch.catalog import Shard, Track
+from demix.pipeline.batch.feed import Feed
 from demix.pipeline.batch.manifest import FailureRow, ShardResult, StemRow, TrackRow
 from demix.pipeline.batch.remix.build import build_example
 from demix.pipeline.batch.remix.plan import Recipe
@@ -54,9 +54,13 @@ class Resources:
 def init_ray(address: str | None = None, *, num_cpus: int | None = None, verbose: bool = True) -> None:
     """Join ``address`` (``auto``, ``ray://host:10001``, ``host:6379``) or start a local instance.
 
-    ``verbose=False`` keeps Ray's chatter off the driver's terminal: workers' output is not forwarded
-    (``log_to_driver=False``; it stays in the session's log files), and the ``ray`` / ``ray.data``
-    loggers show errors only."""
+    A local instance, and a driver joining a cluster on loopback, stay on 127.0.0.1 (see
+    :func:`_loopback_environment`). ``verbose=False`` keeps Ray's chatter off the driver's terminal:
+    workers' output is not forwarded (``log_to_driver=False``; it stays in the session's log files),
+    and the ``ray`` / ``ray.data`` loggers show errors only."""
+    loopback = not address or _on_loopback(address)
+    if loopback:
+        _loopback_environment(joining=bool(address))
     import ray
     import ray.data
 
@@ -66,10 +70,40 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, verbose
     if ray.is_initialized():
         return
     kwargs: dict = {"include_dashboard": False, "log_to_driver": verbose, "configure_logging": False}
+    if loopback:
+        kwargs["_node_ip_address"] = LOOPBACK
     if address:
         ray.init(address=address, **kwargs)
     else:
         ray.init(num_cpus=num_cpus, **kwargs)
+
+
+LOOPBACK = "127.0.0.1"
+
+
+def _on_loopback(address: str) -> bool:
+    host = address.split("://")[-1].rsplit(":", 1)[0].strip("[]")
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def _loopback_environment(*, joining: bool) -> None:
+    """Set, before ray is imported, what keeps this driver and the Ray processes it starts on 127.0.0.1.
+
+    Ray resolves a loopback address (``127.0.0.1:6379``, ``localhost``) to the machine's outward
+    interface address and looks for the cluster there (``services.resolve_ip_for_localhost``), unless
+    clusters are switched off for the platform, as on macOS and Windows: then every local address is
+    loopback (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``; a cluster meant to stay on loopback is started
+    with it too, see the README). Joining: a cluster on this machine started by ``ray start`` uses
+    token authentication with the token in ``~/.ray/auth_token`` (or ``RAY_AUTH_TOKEN`` /
+    ``RAY_AUTH_TOKEN_PATH``); Ray enables it by itself only for ``address="auto"``, so it is enabled
+    here for an explicit loopback address, unless ``RAY_AUTH_MODE`` says otherwise."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    if "ray" in sys.modules:  # imported before (a test session): the switch is read at import
+        sys.modules["ray._private.ray_constants"].ENABLE_RAY_CLUSTER = False
+    if joining and "RAY_AUTH_MODE" not in os.environ:
+        path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
+        if os.environ.get("RAY_AUTH_TOKEN") or os.path.isfile(path):
+            os.environ["RAY_AUTH_MODE"] = "token"
 
 
 def plan_resources(workers: int | None = None, device: str = "auto") -> Resources:
@@ -255,7 +289,7 @@ def _run_pool(
     attempts = ray.remote(num_cpus=0)(AttemptCounter).remote()
     seen: dict[str, set[str]] = {shard_id: set() for shard_id in sizes}
     done = 0
-    feed = _Feed(_stream(items, actor_cls, {**kwargs, "attempts": attempts, "max_attempts": max_attempts}, resources))
+    feed = Feed(_stream(items, actor_cls, {**kwargs, "attempts": attempts, "max_attempts": max_attempts}, resources))
     try:
         for row in feed.rows(should_stop or (lambda: False)):
             shard_id, unit_id = row["shard_id"], row["track_id"]
@@ -271,52 +305,6 @@ def _run_pool(
         feed.close()
         ray.kill(attempts)
     return done
-
-
-STOP_POLL_S = 0.2  # how often the driver checks ``should_stop`` while it waits for the next result
-
-
-class _Feed:
-    """Results of a Ray Data iterator, pulled by a daemon thread into a queue, so the driver can stop
-    waiting for them (Ray Data's iterator has no timeout). After :meth:`close` the thread stops at
-    the next result; a thread still blocked in Ray ends when Ray shuts down."""
-
-    _END = object()
-
-    def __init__(self, source: Iterator[dict]) -> None:
-        self._queue: queue.Queue = queue.Queue()
-        self._closed = threading.Event()
-        self._thread = threading.Thread(target=self._pull, args=(source,), name="demix-results", daemon=True)
-        self._thread.start()
-
-    def _pull(self, source: Iterator[dict]) -> None:
-        try:
-            for row in source:
-                if self._closed.is_set():
-                    break
-                self._queue.put(row)
-        except BaseException as err:  # noqa: BLE001 - handed to the driver, which raises it
-            self._queue.put(err)  # (after Ctrl-C: the errors of an abandoned job, read by nobody)
-        finally:
-            getattr(source, "close", lambda: None)()  # Ray Data tears its executor down
-            self._queue.put(self._END)
-
-    def rows(self, should_stop: Callable[[], bool]) -> Iterator[dict]:
-        """Yield results as they come; return at the end, or as soon as ``should_stop()`` is true."""
-        while not should_stop():
-            try:
-                item = self._queue.get(timeout=STOP_POLL_S)
-            except queue.Empty:
-                continue
-            if item is self._END or should_stop():
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-
-    def close(self) -> None:
-        self._closed.set()
-        self._thread.join(timeout=STOP_POLL_S)
 
 
 def _stream(items: list[dict], actor_cls: type, kwargs: dict, resources: Resources) -> Iterator[dict]:
@@ -409,7 +397,7 @@ def _iter_rows(ds) -> Iterator[dict]:
 
 def shutdown_ray(abandoned: bool = False) -> None:
     """Shut Ray down (the actors stop at once). ``abandoned``: a result iterator was left running
-    (see :class:`_Feed`); its errors once Ray is gone are expected, so Ray's loggers go silent."""
+    (see :class:`~demix.pipeline.batch.feed.Feed`); its errors once Ray is gone are expected, so Ray's loggers go silent."""
     import ray
 
     if abandoned:
