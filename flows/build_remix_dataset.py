@@ -62,12 +62,13 @@ def execute(the_plan: RemixPlan, out: str, n_workers: int | None, ray_address: s
     with LazyBar(console, total=total, unit="example", disable=not progress) as bar:
 
         def on_example(ok: bool) -> None:
-            stats["ok" if ok else "failed"] += 1
             bar.update(1)
 
         def on_shard(shard_id: str, rows: list[dict], failures: list[manifest.FailureRow]) -> None:
-            commit(out, shard_id, rows, failures)
+            commit(out, shard_id, rows, failures)  # counted once committed: Ctrl-C abandons the rest
             stats["commits"] += 1
+            stats["ok"] += len(rows)
+            stats["failed"] += len(failures)
 
         workers.run_remix_shards(
             the_plan.shards, workers=n_workers, on_shard=on_shard, on_example=on_example, should_stop=console.should_stop

@@ -61,13 +61,14 @@ def execute(
     bar = LazyBar(console, total=total, unit="track", disable=not progress)
 
     def on_track(row: manifest.TrackRow) -> None:
-        stats[row.status] += 1
-        stats["audio_s"] += row.duration_s or 0.0
         bar.update(1)
 
-    def on_shard(result: manifest.ShardResult) -> None:
+    def on_shard(result: manifest.ShardResult) -> None:  # counted once committed: Ctrl-C abandons the rest
         won = commit(spec.out, result)
         stats["commits"] += 1
+        for row in result.tracks:
+            stats[row.status] += 1
+            stats["audio_s"] += row.duration_s or 0.0
         if won.attempt and set(won.track_ids) != {t.track_id for t in result.tracks}:
             stats["lost_commits"] += 1
 

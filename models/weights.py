@@ -188,11 +188,13 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         found = _GLOBAL.search(str(err))
+        if not found:  # not a refused global: a corrupt or non-pickle file (PyTorch's advice left out)
+            raise ModelLoadError(f"cannot read weights {path}: not a readable torch.save file or safetensors") from None
         raise ModelLoadError(
-            f"cannot read weights {path}: the file holds Python objects other than tensors"
-            f"{f' ({found.group(1)})' if found else ''}; demix loads only tensors and never runs code from a "
-            "weights file. Convert it to safetensors or to a plain state dict of tensors "
-            "(torch.save(model.state_dict(), path)), on a machine where you trust the file"
+            f"cannot read weights {path}: the file holds Python objects other than tensors ({found.group(1)}); "
+            "demix loads only tensors and never runs code from a weights file. Convert it to safetensors or to "
+            "a plain state dict of tensors (torch.save(model.state_dict(), path)), on a machine where you trust "
+            "the file"
         ) from None
     except Exception as err:  # noqa: BLE001 - every deserialiser error becomes one typed error
         raise ModelLoadError(f"cannot read weights {path}: {type(err).__name__}: {err}") from err

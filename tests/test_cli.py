@@ -265,7 +265,8 @@ def test_ctrl_c_abandons_the_track_being_written_and_exits_130(tmp_path, jobs):
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and proc.poll() is None:
-            short_done = len(list((out / "a short").glob("*.wav"))) == 4
+            # the final stem names (pathlib's "*" also matches the hidden staged ".demix-*.part.wav" files)
+            short_done = all((out / "a short" / f"{stem}.wav").is_file() for stem in ("vocals", "drums", "bass", "other"))
             long_staged = bool(list((out / "b long").glob(".demix-*"))) if (out / "b long").is_dir() else False
             if short_done and long_staged:
                 break

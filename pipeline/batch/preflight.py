@@ -33,12 +33,14 @@ def run_spec(
 @dataclass(frozen=True)
 class Pending:
     """The catalog's tracks, those still to do (not committed ok with this settings hash, or all with
-    ``force``), and the hashes that decide it."""
+    ``force``), how many of them are committed ok with this settings hash (``force`` or not), and the
+    hashes that decide it."""
 
     tracks: list[Track]
     pending: list[Track]
     settings_hash: str
     model_sha256: str | None
+    committed: int = 0
 
     @property
     def skipped(self) -> int:
@@ -52,8 +54,10 @@ def pending_tracks(catalog: str, spec: RunSpec, force: bool = False) -> Pending:
     digest = getattr(model, "weights_sha256", None)
     settings_hash = spec.settings_hash(digest, spec.load_presence(model).weights_sha256)
     tracks = read_catalog(catalog)
-    done = set() if force else manifest.committed_ok(spec.out, settings_hash)
-    return Pending(tracks, [t for t in tracks if t.track_id not in done], settings_hash, digest)
+    done = manifest.committed_ok(spec.out, settings_hash)
+    pending = list(tracks) if force else [t for t in tracks if t.track_id not in done]
+    committed = sum(t.track_id in done for t in tracks)
+    return Pending(tracks, pending, settings_hash, digest, committed)
 
 
 def committed_summary(out: str, total: int, skipped: int, stats: dict | None = None) -> dict:

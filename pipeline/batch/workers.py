@@ -58,7 +58,8 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, verbose
     :func:`_loopback_environment`). ``verbose=False`` keeps Ray's chatter off the driver's terminal:
     workers' output is not forwarded (``log_to_driver=False``; it stays in the session's log files),
     and the ``ray`` / ``ray.data`` loggers show errors only."""
-    loopback = not address or _on_loopback(address)
+    address = address or os.environ.get("RAY_ADDRESS")  # ray.init would read it too (`ray job submit` sets it)
+    loopback = not address or (address != "auto" and _on_loopback(address))
     if loopback:
         _loopback_environment(joining=bool(address))
     import ray

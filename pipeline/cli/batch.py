@@ -129,21 +129,22 @@ def _preflight(args: argparse.Namespace) -> preflight.Pending:
 def cmd_run(args: argparse.Namespace) -> int:
     quiet_libraries(_verbose(args))
     status = Status(enabled=not args.quiet)
-    with Chatter(_verbose(args), "run"), Interrupts(INTERRUPT_NOTICE) as interrupts:
-        try:
-            _check_run(args)
-            status("reading the catalog and the committed manifests")
-            todo = _preflight(args)
-        except (ValueError, ModelLoadError, StorageError) as err:  # CatalogError is a ValueError
-            status(None)
-            return fail(err)
+    try:  # before Prefect and Ray: nothing to shut down, so Ctrl-C is a plain KeyboardInterrupt here
+        _check_run(args)
+        status("reading the catalog and the committed manifests")
+        todo = _preflight(args)
+    except (ValueError, ModelLoadError, StorageError) as err:  # CatalogError is a ValueError
+        return fail(err)
+    except KeyboardInterrupt:
+        print("\ndemix: interrupted before anything was run", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finally:
         status(None)
-        if args.dry_run:
-            return _print_dry_run(args, todo)
-        if not todo.pending:  # a no-op rerun: the committed summary, without Prefect or Ray
-            return _finish_run(args, preflight.committed_summary(output_root(args.out), len(todo.tracks), todo.skipped))
-        if interrupts.should_stop():
-            return EXIT_INTERRUPTED
+    if args.dry_run:
+        return _print_dry_run(args, todo)
+    if not todo.pending:  # a no-op rerun: the committed summary, without Prefect or Ray
+        return _finish_run(args, preflight.committed_summary(output_root(args.out), len(todo.tracks), todo.skipped))
+    with Chatter(_verbose(args), "run"), Interrupts(INTERRUPT_NOTICE) as interrupts:
         status("starting Prefect")
         from demix.flows.separate_catalog import separate_catalog  # lazy: Prefect takes seconds to import
 
@@ -162,7 +163,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _print_dry_run(args: argparse.Namespace, todo: preflight.Pending) -> int:
     shards = -(-len(todo.pending) // args.shard_size)
     facts = {
-        "dry_run": True, "catalog_tracks": len(todo.tracks), "already_committed": todo.skipped,
+        "dry_run": True, "catalog_tracks": len(todo.tracks), "already_committed": todo.committed,
         "to_do": len(todo.pending), "shards": shards, "shard_size": args.shard_size, "settings_hash": todo.settings_hash,
     }
     if args.json:

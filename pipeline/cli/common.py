@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
 
@@ -11,7 +10,7 @@ import torch
 
 from demix.models.registry import add_model_flags
 from demix.pipeline.engine import add_separation_flags, add_stem_flags
-from demix.pipeline.io import add_encoding_flags, is_remote, local_path
+from demix.pipeline.io import add_encoding_flags
 
 
 def fail(message: object) -> int:
@@ -41,22 +40,6 @@ def device(name: str) -> str:
     if name == "mps" and not torch.backends.mps.is_available():
         raise ValueError("--device mps asked for, but torch sees no MPS device")
     return name
-
-
-def check_output_folder(uri: str) -> None:
-    """Refuse a local output folder that cannot be one (an existing file, or a path under a file)
-    before any work starts; object-store prefixes are not checked.
-
-    Raises:
-        ValueError: naming the file in the way.
-    """
-    if is_remote(uri):
-        return
-    path = os.path.abspath(local_path(uri))
-    while not os.path.exists(path) and os.path.dirname(path) != path:
-        path = os.path.dirname(path)
-    if not os.path.isdir(path):
-        raise ValueError(f"-o {uri}: {path} exists and is not a folder")
 
 
 def parse_option(text: str) -> tuple[str, object]:

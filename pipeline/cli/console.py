@@ -16,7 +16,6 @@ import itertools
 import os
 import signal
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -41,21 +40,20 @@ def quiet_libraries(verbose: bool) -> None:
 
 class Chatter:
     """Unless ``verbose``: what is written below Python to this process's stderr (file descriptor
-    2: Ray's C++ core-worker log, child processes such as Prefect's API server) goes to a log file
-    in the temporary folder instead of the terminal, while Python's ``sys.stderr`` (status line,
-    progress bar, errors) still reaches the terminal. A context manager: on exit stderr is restored
-    and the file removed (``-v`` shows these lines; Ray's own session logs keep theirs)."""
+    2: Ray's C++ core-worker log, child processes such as Prefect's API server) is discarded instead
+    of reaching the terminal, while Python's ``sys.stderr`` (status line, progress bar, errors) still
+    reaches it. A context manager: on exit stderr is restored (``-v`` shows these lines; Ray's own
+    session logs keep theirs)."""
 
     def __init__(self, verbose: bool, command: str) -> None:
         self.verbose, self.command = verbose, command
-        self.path: str | None = None
         self._saved: int | None = None
         self._old_stderr = None
 
     def __enter__(self) -> Chatter:
         if self.verbose:
             return self
-        fd, self.path = tempfile.mkstemp(prefix=f"demix-{self.command}-", suffix=".log")
+        fd = os.open(os.devnull, os.O_WRONLY)
         sys.stderr.flush()
         self._saved = os.dup(2)
         self._old_stderr = sys.stderr
@@ -71,8 +69,6 @@ class Chatter:
         os.dup2(self._saved, 2)
         os.close(self._saved)
         sys.stderr, self._saved = self._old_stderr, None  # the other stream stays open: loggers may hold it
-        if self.path:
-            os.unlink(self.path)
 
 
 def _children() -> list[int]:

@@ -18,16 +18,18 @@ from tqdm import tqdm
 
 from demix.models.base import ModelLoadError, Separator
 from demix.models.registry import load_model, model_options
-from demix.pipeline.cli.common import check_output_folder, device, fail
+from demix.pipeline.cli.common import device, fail
+from demix.pipeline.cli.console import EXIT_INTERRUPTED
 from demix.pipeline.engine import (
     Cancelled, SeparationSettings, StemPlan, TrackError, plan_stems, separate_track, settings_kwargs,
 )
-from demix.pipeline.io import Encoding, StorageError, encoding_kwargs, expand_inputs, is_remote, join, local_path, safe_component
+from demix.pipeline.io import (
+    Encoding, StorageError, check_output_root, encoding_kwargs, expand_inputs, is_remote, join, local_path, safe_component,
+)
 
 DEFAULT_FILENAME = "{track}/{stem}.{ext}"
 """``--filename``: where each stem goes under OUT (demucs' default layout)."""
 FILENAME_FIELDS = ("track", "stem", "ext")
-INTERRUPTED = 130
 """Exit status after Ctrl-C (128 + SIGINT), as shells report it."""
 
 
@@ -101,7 +103,7 @@ def filename_paths(out: str, template: str, names: Sequence[str], stems: Sequenc
 
 def _check_arguments(args: argparse.Namespace) -> None:
     """What can be refused before a model loads: the output folder, ``--jobs``, the template's syntax."""
-    check_output_folder(args.out)
+    check_output_root(args.out)
     if args.jobs < 1:
         raise ValueError(f"--jobs must be >= 1. Found: {args.jobs}")
     filename_paths(args.out, args.filename, ["track"], ["stem"], "ext")
@@ -112,7 +114,7 @@ def cmd_separate(args: argparse.Namespace) -> int:
         return _separate(args)
     except KeyboardInterrupt:  # Ctrl-C before the tracks started (their own Ctrl-C is handled in _run_all)
         print("demix: interrupted before any track was written", file=sys.stderr)
-        return INTERRUPTED
+        return EXIT_INTERRUPTED
 
 
 def _separate(args: argparse.Namespace) -> int:
@@ -153,7 +155,7 @@ def _separate(args: argparse.Namespace) -> int:
             + f"; {len(tally.abandoned)} not written (nothing partial left; rerun them)",
             file=sys.stderr,
         )
-        return INTERRUPTED
+        return EXIT_INTERRUPTED
     print(f"demix: {tally.ok} of {len(inputs)} tracks separated into {args.out}" + (f", {tally.failed} failed" if tally.failed else ""))
     return 1 if tally.failed else 0
 
@@ -240,7 +242,7 @@ def _wait_or_exit(futures) -> None:
         wait(futures)
     except KeyboardInterrupt:
         print("demix: interrupted twice: quitting now", file=sys.stderr, flush=True)
-        os._exit(INTERRUPTED)
+        os._exit(EXIT_INTERRUPTED)
 
 
 def _remove_empty_folders(out: str, abandoned: Sequence[dict[str, str]]) -> None:

@@ -46,8 +46,9 @@ class _FfmpegStream(AudioStream):
         frame_bytes = 4 * channels
         want = frames * frame_bytes
         try:
+            # own session: the terminal's Ctrl-C is for demix to handle (it stops this process itself)
             self._proc = subprocess.Popen(
-                self._cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+                self._cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
             )
         except OSError as err:
             raise self._fail(0, f"cannot run ffmpeg: {err}") from err
@@ -120,7 +121,7 @@ def _open_ffmpeg(path: str, name: str, cleanup: str | None) -> tuple[AudioStream
         "-show_entries", "stream=sample_rate,channels:format=format_name", "-of", "json", url,
     ]
     try:
-        res = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=_PROBE_TIMEOUT_S)
+        res = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=_PROBE_TIMEOUT_S, start_new_session=True)
     except subprocess.TimeoutExpired:
         return None, f"ffprobe gave no answer within {_PROBE_TIMEOUT_S:.0f} s"
     except OSError as err:
