@@ -13,6 +13,7 @@ A weights file a user names (``--weights``) needs a checksum, see :func:`fetch_u
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import pickle
@@ -101,11 +102,14 @@ def _localise(uri: str, cache: Path | None = None) -> Path:
             raise ModelLoadError(f"weights file not found: {uri}")
         return path
     name = uri.rstrip("/").rsplit("/", 1)[-1]
-    path = (cache or cache_dir()) / "weights" / name
+    # one folder per URI: two files of one name at two addresses (v1/model.pt, v2/model.pt) never share a copy
+    path = (cache or cache_dir()) / "weights" / hashlib.sha256(uri.encode()).hexdigest()[:16] / name
     if not path.is_file():
         try:
             _download(uri, path)
         except (urllib.error.URLError, OSError) as err:
+            with contextlib.suppress(OSError):
+                path.parent.rmdir()  # only if empty: nothing of a failed download stays in the cache
             raise ModelLoadError(
                 f"could not download weights from {uri}: {err}. On a machine without network, fetch the "
                 f"file elsewhere and pass it with --weights PATH_OR_URI (a local path, s3://..., etc.), "

@@ -79,7 +79,7 @@ def test_http_download_goes_to_cache_and_is_checked(hdemucs_checkpoint, tmp_path
         url = f"http://127.0.0.1:{server.server_port}/{path.name}"
         cache = tmp_path / "cache"
         got = W.fetch(url, sha256=_sha(path), cache=cache)
-        assert got.parent == cache / "weights" and _sha(got) == _sha(path)
+        assert got.parent.parent == cache / "weights" and got.name == path.name and _sha(got) == _sha(path)
         with pytest.raises(ModelLoadError, match="sha256 mismatch"):
             W.fetch(url, sha256="0" * 64, cache=tmp_path / "cache2")
     finally:
@@ -155,3 +155,19 @@ def test_unknown_option_and_missing_file_refused():
 def test_untrained_default_is_deterministic():
     a, b = load_model(DEFAULT_MODEL, pretrained=False), load_model(DEFAULT_MODEL, pretrained=False)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_cached_weights_are_kept_per_address(tmp_path):
+    """Two files with one name at two addresses (a v1 and a v2 of model.pt) are two cache entries: the
+    second fetch must not hand back the first one's bytes (with --trust-weights nothing else would
+    notice)."""
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/demix-test/v1/model.pt", b"first version")
+    fs.pipe("/demix-test/v2/model.pt", b"second version")
+    cache = tmp_path / "cache"
+    one = W.fetch("memory://demix-test/v1/model.pt", cache=cache)
+    two = W.fetch("memory://demix-test/v2/model.pt", cache=cache)
+    assert one != two and one.read_bytes() == b"first version" and two.read_bytes() == b"second version"
+    assert W.fetch("memory://demix-test/v1/model.pt", cache=cache) == one  # and a second fetch hits the cache
