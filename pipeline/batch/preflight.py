@@ -41,6 +41,7 @@ class Pending:
     settings_hash: str
     model_sha256: str | None
     committed: int = 0
+    weights_verified_by: str | None = None
 
     @property
     def skipped(self) -> int:
@@ -49,7 +50,8 @@ class Pending:
 
 def pending_tracks(catalog: str, spec: RunSpec, force: bool = False) -> Pending:
     """Read the catalog and drop the tracks already committed ok with the same settings hash (the
-    model is loaded on the CPU once: its weights digest is part of the hash)."""
+    model is loaded on the CPU once, first, so refused weights fail before the catalog is read: its
+    weights digest is part of the hash)."""
     model = spec.load(device="cpu")
     digest = getattr(model, "weights_sha256", None)
     settings_hash = spec.settings_hash(digest, spec.load_presence(model).weights_sha256)
@@ -57,7 +59,7 @@ def pending_tracks(catalog: str, spec: RunSpec, force: bool = False) -> Pending:
     done = manifest.committed_ok(spec.out, settings_hash)
     pending = list(tracks) if force else [t for t in tracks if t.track_id not in done]
     committed = sum(t.track_id in done for t in tracks)
-    return Pending(tracks, pending, settings_hash, digest, committed)
+    return Pending(tracks, pending, settings_hash, digest, committed, getattr(model, "weights_verified_by", None))
 
 
 def committed_summary(out: str, total: int, skipped: int, stats: dict | None = None) -> dict:

@@ -14,7 +14,7 @@ import sys
 from tqdm import tqdm
 
 from demix.models.base import ModelLoadError
-from demix.models.registry import get_entry, model_options, resolve_weights
+from demix.models.registry import get_entry, model_options
 from demix.pipeline.batch import preflight
 from demix.pipeline.batch.catalog import CatalogError
 from demix.pipeline.batch.export import ClipRule, ExportError, export_lyrics, export_transcription
@@ -93,9 +93,6 @@ def _check_run(args: argparse.Namespace) -> None:
     if args.shard_size < 1:
         raise ValueError(f"--shard-size must be >= 1. Found: {args.shard_size}")
     check_output_root(args.out)
-    if args.weights:  # fetched and verified here, so a refused file fails before the catalog is read
-        how = resolve_weights(entry, args.weights, sha256=args.weights_sha256, trust=args.trust_weights)[2]
-        print(f"demix: weights {args.weights} verified by: {how}", file=sys.stderr)
 
 
 def _run_params(args: argparse.Namespace) -> dict:
@@ -140,6 +137,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
     finally:
         status(None)
+    if args.weights:  # the preflight loaded (fetched, verified) them before reading the catalog
+        print(f"demix: weights {args.weights} verified by: {todo.weights_verified_by}", file=sys.stderr)
     if args.dry_run:
         return _print_dry_run(args, todo)
     if not todo.pending:  # a no-op rerun: the committed summary, without Prefect or Ray
