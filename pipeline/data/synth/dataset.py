@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -16,13 +14,11 @@ from demix.pipeline.data.synth.config import (
 )
 from demix.pipeline.data.synth.plan import plan_song
 from demix.pipeline.data.synth.render import render_song
-from demix.pipeline.io import write_float_wav
+from demix.pipeline.io import AtomicOutput, atomic_write, write_float_wav
 from demix.pipeline.stems import STEMS
 
 def _write_json(path: Path, obj: object) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    atomic_write(str(path), (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
 def _dataset_settings(config: SynthConfig, soundfont: Path, engine: str) -> dict:
@@ -67,12 +63,10 @@ def synth_dataset(out: str | Path, config: SynthConfig, *,
         folder = out / name
         if not all((folder / f).is_file() for f in files):
             audio = render_song(index, pinned)
-            with tempfile.TemporaryDirectory(prefix=f".tmp-{name}-", dir=out) as tmp:
+            with AtomicOutput() as staged:  # committed in order: the mixture, last, marks a complete track
                 for f in files:
-                    write_float_wav(Path(tmp) / f, audio[f[:-4]], config.sample_rate)
-                folder.mkdir(exist_ok=True)
-                for f in files:
-                    os.replace(Path(tmp) / f, folder / f)
+                    write_float_wav(staged.path_for(str(folder / f)), audio[f[:-4]], config.sample_rate)
+                staged.commit()
         truth[name] = dict(plan_song(index, config).presence)
         if progress is not None:
             progress(1)
