@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from demix.models import ModelLoadError
 from demix.pipeline.batch import catalog as cat
-from demix.pipeline.batch import workers
+from demix.pipeline.batch import cluster
 from demix.pipeline.io import StorageError
 
 _PERMANENT = (cat.CatalogError, ModelLoadError, ValueError, TypeError, FileNotFoundError, PermissionError)
@@ -37,12 +37,17 @@ class Console:
         self.verbose = verbose
 
 
-def start_pool(console: Console, ray_address: str | None, n_workers: int | None, device: str) -> workers.Resources:
-    """Start (or join) Ray and size the actor pool, telling ``console`` what is happening."""
+def start_pool(
+    console: Console, ray_address: str | None, n_workers: int | None, device: str, *,
+    model_actors: int | None = None, host_workers: int | None = None,
+) -> cluster.Resources:
+    """Start (or join) Ray and size the actors (:func:`~demix.pipeline.batch.cluster.plan_resources`),
+    telling ``console`` what is happening."""
     console.status("starting Ray")
-    workers.init_ray(ray_address, verbose=console.verbose)
-    resources = workers.plan_resources(n_workers, device)
-    console.status(f"starting {resources.actors} worker(s) on {resources.device}; waiting for the first result")
+    cluster.init_ray(ray_address, verbose=console.verbose)
+    resources = cluster.plan_resources(n_workers, device, model_actors=model_actors, host_workers=host_workers)
+    models = f" and {resources.model_actors} model actor(s)" if resources.model_actors else ""
+    console.status(f"starting {resources.actors} worker(s){models} on {resources.device}; waiting for the first result")
     get_run_logger().info("actor pool: %s", resources)
     return resources
 
@@ -74,5 +79,5 @@ def stopped(console: Console, stats: dict, total: int) -> dict:
     and shut Ray down then: abandoned actors stop at once."""
     stats["interrupted"] = console.should_stop() and stats["ok"] + stats["failed"] < total
     if stats["interrupted"]:
-        workers.shutdown_ray(abandoned=True)
+        cluster.shutdown_ray(abandoned=True)
     return stats

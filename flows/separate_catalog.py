@@ -49,14 +49,15 @@ def commit(out: str, result: manifest.ShardResult) -> manifest.Commit:
 @task(cache_policy=NO_CACHE)
 def execute(
     the_plan: Plan, spec: RunSpec, n_workers: int | None, device: str, ray_address: str | None, progress: bool,
-    console: Console,
+    console: Console, model_actors: int | None = None, host_workers: int | None = None,
 ) -> dict:
-    """Run every pending track through the Ray actor pool, committing each shard as it completes."""
+    """Run every pending track through the Ray actors, committing each shard as it completes."""
     total = sum(len(s.tracks) for s in the_plan.shards)
-    stats = {"ok": 0, "failed": 0, "audio_s": 0.0, "commits": 0, "lost_commits": 0, "wall_s": 0.0}
+    model_stage: dict = {}
+    stats = {"ok": 0, "failed": 0, "audio_s": 0.0, "commits": 0, "lost_commits": 0, "wall_s": 0.0, "model_stage": model_stage}
     if console.should_stop() or not total:
         return stopped(console, stats, total)
-    resources = start_pool(console, ray_address, n_workers, device)
+    resources = start_pool(console, ray_address, n_workers, device, model_actors=model_actors, host_workers=host_workers)
     started = time.perf_counter()
     bar = LazyBar(console, total=total, unit="track", disable=not progress)
 
@@ -75,7 +76,7 @@ def execute(
     with bar:
         workers.run_shards(
             the_plan.shards, spec, the_plan.settings_hash, resources=resources, on_shard=on_shard, on_track=on_track,
-            should_stop=console.should_stop,
+            should_stop=console.should_stop, stage_totals=model_stage,
         )
     stats["wall_s"] = time.perf_counter() - started
     return stopped(console, stats, total)
@@ -106,6 +107,8 @@ def separate_catalog(
     stems: list[str] | None = None,
     two_stems: str | None = None,
     workers_count: int | None = None,
+    model_actors: int | None = None,
+    host_workers: int | None = None,
     device: str = "auto",
     ray_address: str | None = None,
     shard_size: int = 16,
@@ -131,5 +134,5 @@ def separate_catalog(
     )
     console.status("planning: reading the catalog and the committed manifests")
     the_plan = plan(catalog, spec, shard_size, force)
-    stats = execute(the_plan, spec, workers_count, device, ray_address, progress, console)
+    stats = execute(the_plan, spec, workers_count, device, ray_address, progress, console, model_actors, host_workers)
     return report(spec.out, the_plan, stats)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import http.client
 import logging
 import os
+import tempfile
 import socket
 import threading
 import uuid
@@ -218,6 +219,8 @@ def s3_services() -> Iterator[FaultProxy]:
         "DO_NOT_TRACK": "1",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PYTHONPATH": os.pathsep.join(p for p in (str(TESTS_DIR), os.environ.get("PYTHONPATH", "")) if p),
+        # where a test asks Ray workers to die in a stage (read by demix_test_models.install_stage_faults)
+        "DEMIX_TEST_FAULTS": os.path.join(tempfile.mkdtemp(prefix="demix-faults-"), "faults.json"),
     }
     with pytest.MonkeyPatch.context() as mp:
         for name in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):

@@ -12,12 +12,18 @@ CPU, with switches that make a catalog run misbehave on purpose:
 * ``die_above``: a chunk whose peak exceeds this exits the process, every time (a track that
   always crashes its worker, like a decoder segfault).
 
+Stage faults for the staged engine's tests: when the JSON file named by ``DEMIX_TEST_FAULTS`` says
+``{"stage": "read" | "write", "marker": PATH}``, the first process that creates ``PATH`` while reading
+a source (``read``) or committing a track's stems (``write``) exits with ``os._exit(1)`` (a host worker
+killed in that stage; see :func:`install_stage_faults`, run on import).
+
 ``test-slow`` is ``test-gain`` with ``delay_s`` from ``DEMIX_TEST_DELAY_S`` (default 0.3): a slow model
 the command line can name (``demix run --model test-slow``; tests/test_interrupt.py).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -115,3 +121,47 @@ def _slow() -> Separator:
 
 if "test-slow" not in {e.name for e in list_models()}:  # `test-gain` with a delay the command line can choose
     register(ModelEntry(name="test-slow", factory=_slow, sample_rate=8000, sources=SOURCES, description="test only"))
+
+
+def _die_once_in(stage: str) -> None:
+    """Exit this process if the fault file asks for a death in ``stage`` and this is the first one."""
+    path = os.environ.get("DEMIX_TEST_FAULTS")
+    if not path or not os.path.exists(path):
+        return
+    with open(path) as f:
+        fault = json.load(f)
+    if fault.get("stage") != stage:
+        return
+    try:
+        fd = os.open(fault["marker"], os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    os._exit(1)
+
+
+def install_stage_faults() -> None:
+    """Wrap the read stage's local copy and the write stage's commit of :mod:`demix.pipeline.engine.track`
+    (only there: a driver committing manifests is never touched) with :func:`_die_once_in`."""
+    from demix.pipeline.engine import track
+
+    if getattr(track.local_copy, "_faulty", False):
+        return
+    copy = track.local_copy
+
+    def local_copy(*args, **kwargs):
+        _die_once_in("read")
+        return copy(*args, **kwargs)
+
+    class FaultyOutput(track.AtomicOutput):
+        def commit(self, *args, **kwargs):
+            _die_once_in("write")
+            return super().commit(*args, **kwargs)
+
+    local_copy._faulty = True
+    track.local_copy = local_copy
+    track.AtomicOutput = FaultyOutput
+
+
+install_stage_faults()

@@ -48,10 +48,19 @@ def catalog_summary(tables: Mapping[str, pa.Table], paths: dict, total: int, ski
         "audio_seconds_now": stats["audio_s"],
         "wall_seconds_now": stats.get("wall_s", 0.0),
         "realtime_factor_now": stats["audio_s"] / stats["wall_s"] if stats.get("wall_s") else 0.0,
+        "model_stage": dict(stats.get("model_stage") or {}),
         "manifests": paths,
         "presence": {stem: {"present": p, "tracks": n} for stem, (p, n) in presence.items()},
         "failures": [{k: f[k] for k in keys} for f in tables["failures"].to_pylist()],
     }
+
+
+def model_stage_line(stage: Mapping) -> str:
+    """``forwards, mean batch fill, busy fraction`` of a run's model actors, in words."""
+    return (
+        f"{stage['forwards']} forwards of {stage['chunks']} chunks, batches {100 * stage['fill']:.0f}% full "
+        f"({stage['mixed_forwards']} mixing tracks), busy {100 * stage['busy']:.0f}% of its span"
+    )
 
 
 def _shown(message: str, limit: int = MESSAGE_CHARS) -> str:
@@ -76,6 +85,7 @@ def catalog_markdown(summary: Mapping) -> str:
         ("committed ok / failed (all runs)", f"{summary['committed_ok_total']} / {summary['committed_failed_total']}"),
         ("hours of audio (committed)", f"{summary['hours_of_audio_total']:.3f}"),
         ("real-time factor (this run)", f"{summary['realtime_factor_now']:.2f}x"),
+        *((("model stage (this run)", model_stage_line(summary["model_stage"])),) if summary.get("model_stage") else ()),
         *((f"{stem} present (committed)", f"{c['present']} of {c['tracks']}") for stem, c in summary["presence"].items()),
     ]
     lines = ["# demix separate-catalog", "", table(("", ""), rows, align="ll"), ""]

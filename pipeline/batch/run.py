@@ -87,12 +87,14 @@ def _source_bytes(uri: str) -> int | None:
 
 
 def process_track(
-    model: Separator, track: Track, spec: RunSpec, *, settings_hash: str, detector=None
+    model: Separator, track: Track, spec: RunSpec, *, settings_hash: str, detector=None, stage=None
 ) -> tuple[TrackRow, list[StemRow], list[FailureRow]]:
     """Separate ``track`` into ``spec.out/stems/<track_id>/``; return its manifest rows.
 
     With a ``detector`` (:meth:`RunSpec.load_presence`) the stem rows carry ``present``,
-    ``presence_score`` and ``active_segments``.
+    ``presence_score`` and ``active_segments``. ``stage``: a shared model stage (see
+    :func:`~demix.pipeline.engine.separate_track`); ``model`` may then be its
+    :class:`~demix.pipeline.batch.model_actors.ModelInfo`.
 
     Never raises for a bad track: the failure becomes a ``FailureRow`` naming the stage.
     """
@@ -106,7 +108,8 @@ def process_track(
     )
     try:
         result = separate_track(
-            model, track.uri, outputs, plan=plan, encoding=spec.encoding, settings=spec.settings, presence=detector
+            model, track.uri, outputs, plan=plan, encoding=spec.encoding, settings=spec.settings, presence=detector,
+            stage=stage,
         )
     except TrackError as err:
         row.status = "failed"

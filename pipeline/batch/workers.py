@@ -19,19 +19,20 @@ actors and retries their batches, sizes one pool for CPUs or GPUs, and scales to
 
 from __future__ import annotations
 
+import importlib
 import json
-import logging
 import math
-import os
-import sys
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, replace
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, replace
 
 import torch
 
 from demix.pipeline.batch.catalog import Shard, Track
+from demix.pipeline.batch.cluster import Resources, plan_resources
 from demix.pipeline.batch.feed import Feed
 from demix.pipeline.batch.manifest import FailureRow, ShardResult, StemRow, TrackRow
+from demix.pipeline.batch.model_actors import RemoteStage, model_info, stage_stats, start_model_actors, stop_model_actors
 from demix.pipeline.batch.remix.build import build_example
 from demix.pipeline.batch.remix.plan import Recipe
 from demix.pipeline.batch.run import RunSpec, process_track
@@ -41,85 +42,9 @@ from demix.pipeline.engine import TrackError
 # may import ray): importing demix.pipeline.batch, the flows or the CLI never starts or loads Ray.
 
 
-@dataclass(frozen=True)
-class Resources:
-    """How the actor pool is sized."""
-
-    actors: int
-    gpus_per_actor: float
-    cpus_per_actor: float
-    device: str
-
-
-def init_ray(address: str | None = None, *, num_cpus: int | None = None, verbose: bool = True) -> None:
-    """Join ``address`` (``auto``, ``ray://host:10001``, ``host:6379``) or start a local instance.
-
-    A local instance, and a driver joining a cluster on loopback, stay on 127.0.0.1 (see
-    :func:`_loopback_environment`). ``verbose=False`` keeps Ray's chatter off the driver's terminal:
-    workers' output is not forwarded (``log_to_driver=False``; it stays in the session's log files),
-    and the ``ray`` / ``ray.data`` loggers show errors only."""
-    address = address or os.environ.get("RAY_ADDRESS")  # ray.init would read it too (`ray job submit` sets it)
-    loopback = not address or (address != "auto" and _on_loopback(address))
-    if loopback:
-        _loopback_environment(joining=bool(address))
-    import ray
-    import ray.data
-
-    if not verbose:
-        for name in ("ray", "ray.data"):
-            logging.getLogger(name).setLevel(logging.ERROR)
-    if ray.is_initialized():
-        return
-    kwargs: dict = {"include_dashboard": False, "log_to_driver": verbose, "configure_logging": False}
-    if loopback:
-        kwargs["_node_ip_address"] = LOOPBACK
-    if address:
-        ray.init(address=address, **kwargs)
-    else:
-        ray.init(num_cpus=num_cpus, **kwargs)
-
-
-LOOPBACK = "127.0.0.1"
-
-
-def _on_loopback(address: str) -> bool:
-    host = address.split("://")[-1].rsplit(":", 1)[0].strip("[]")
-    return host in ("localhost", "::1") or host.startswith("127.")
-
-
-def _loopback_environment(*, joining: bool) -> None:
-    """Set, before ray is imported, what keeps this driver and the Ray processes it starts on 127.0.0.1.
-
-    Ray resolves a loopback address (``127.0.0.1:6379``, ``localhost``) to the machine's outward
-    interface address and looks for the cluster there (``services.resolve_ip_for_localhost``), unless
-    clusters are switched off for the platform, as on macOS and Windows: then every local address is
-    loopback (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``; a cluster meant to stay on loopback is started
-    with it too, see the README). Joining: a cluster on this machine started by ``ray start`` uses
-    token authentication with the token in ``~/.ray/auth_token`` (or ``RAY_AUTH_TOKEN`` /
-    ``RAY_AUTH_TOKEN_PATH``); Ray enables it by itself only for ``address="auto"``, so it is enabled
-    here for an explicit loopback address, unless ``RAY_AUTH_MODE`` says otherwise."""
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    if "ray" in sys.modules:  # imported before (a test session): the switch is read at import
-        sys.modules["ray._private.ray_constants"].ENABLE_RAY_CLUSTER = False
-    if joining and "RAY_AUTH_MODE" not in os.environ:
-        path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
-        if os.environ.get("RAY_AUTH_TOKEN") or os.path.isfile(path):
-            os.environ["RAY_AUTH_MODE"] = "token"
-
-
-def plan_resources(workers: int | None = None, device: str = "auto") -> Resources:
-    """One actor per GPU when the cluster has GPUs (and ``device`` allows), else ``workers`` CPU actors."""
-    import ray
-
-    total = ray.cluster_resources()
-    gpus = int(total.get("GPU", 0))
-    cpus = max(1, int(total.get("CPU", os.cpu_count() or 1)))
-    if gpus > 0 and device in ("auto", "cuda"):
-        n = min(workers, gpus) if workers else gpus
-        return Resources(actors=n, gpus_per_actor=1.0, cpus_per_actor=1.0, device="cuda")
-    n = workers or 1
-    return Resources(actors=n, gpus_per_actor=0.0, cpus_per_actor=max(1.0, float(cpus // n)), device="cpu")
-
+TRACKS_IN_FLIGHT = 2
+"""Tracks a host worker separates at once when the model runs in model actors (its Ray Data batch),
+so the model stage has chunks of several tracks to fill its batches from."""
 
 TRACKS_PER_BLOCK = 32
 """Upper bound of tracks in one Ray Data block (the unit a dead actor's retry redoes)."""
@@ -188,7 +113,8 @@ class _CountedActor:
 
 
 class SeparatorActor(_CountedActor):
-    """Loads the model once in ``__init__``; ``__call__`` separates a batch of tracks.
+    """A host worker: ``__call__`` separates a batch of tracks (read, overlap-add, write), with the model
+    loaded once in ``__init__``, or, given ``model_actors``, computed by those (a :class:`RemoteStage`).
 
     Delegates all work to :func:`demix.pipeline.batch.run.process_track`, which tests call without Ray. A track
     started more than ``max_attempts`` times (see :class:`_CountedActor`) gets the rows of
@@ -197,35 +123,45 @@ class SeparatorActor(_CountedActor):
 
     def __init__(
         self, spec: RunSpec, settings_hash: str, device: str, threads: int, attempts=None,
-        max_attempts: int = MAX_ATTEMPTS_PER_TRACK,
+        max_attempts: int = MAX_ATTEMPTS_PER_TRACK, model_actors: list | None = None,
     ) -> None:
         super().__init__(attempts, max_attempts)
         torch.set_num_threads(max(1, threads))
         spec = replace(spec, settings=replace(spec.settings, device=device))  # chunks go where the model is
         self.spec = spec
         self.settings_hash = settings_hash
-        self.model = spec.load(device=device)
+        if model_actors:
+            if spec.registry_module:
+                importlib.import_module(spec.registry_module)
+            self.model, self.stage = model_info(model_actors[0]), RemoteStage(model_actors)
+        else:
+            self.model, self.stage = spec.load(device=device), None
         self.detector = spec.load_presence(self.model)
 
     def __call__(self, batch: dict) -> dict:
-        out: dict[str, list] = {"shard_id": [], "track_id": [], "result": []}
-        for shard_id, track_id, uri in zip(batch["shard_id"], batch["track_id"], batch["uri"]):
-            track = Track(str(track_id), str(uri))
-            attempt = self._start(track.track_id)
-            if attempt > self.max_attempts:
-                digest = getattr(self.model, "weights_sha256", None)
-                row, stems, failures = given_up(track, self.spec, self.settings_hash, digest, attempt - 1)
-            else:
-                row, stems, failures = process_track(
-                    self.model, track, self.spec, settings_hash=self.settings_hash, detector=self.detector
-                )
-            self._finish(track.track_id)
-            out["shard_id"].append(str(shard_id))
-            out["track_id"].append(str(track_id))
-            out["result"].append(
-                json.dumps({"track": asdict(row), "stems": [asdict(s) for s in stems], "failures": [asdict(f) for f in failures]})
+        """The tracks of ``batch``; with model actors, at once in threads (their chunks share model batches)."""
+        jobs = list(zip(batch["shard_id"], batch["track_id"], batch["uri"]))
+        if self.stage is not None and len(jobs) > 1:
+            with ThreadPoolExecutor(len(jobs), thread_name_prefix="demix-track") as pool:
+                results = list(pool.map(lambda job: self._one(*job), jobs))
+        else:
+            results = [self._one(*job) for job in jobs]
+        return {
+            "shard_id": [str(j[0]) for j in jobs], "track_id": [str(j[1]) for j in jobs], "result": results,
+        }
+
+    def _one(self, shard_id, track_id, uri) -> str:
+        track = Track(str(track_id), str(uri))
+        attempt = self._start(track.track_id)
+        if attempt > self.max_attempts:
+            digest = getattr(self.model, "weights_sha256", None)
+            row, stems, failures = given_up(track, self.spec, self.settings_hash, digest, attempt - 1)
+        else:
+            row, stems, failures = process_track(
+                self.model, track, self.spec, settings_hash=self.settings_hash, detector=self.detector, stage=self.stage,
             )
-        return out
+        self._finish(track.track_id)
+        return json.dumps({"track": asdict(row), "stems": [asdict(s) for s in stems], "failures": [asdict(f) for f in failures]})
 
 
 def _decode(result: str) -> tuple[TrackRow, list[StemRow], list[FailureRow]]:
@@ -244,9 +180,12 @@ def run_shards(
     actor_cls: type = SeparatorActor,
     max_attempts: int = MAX_ATTEMPTS_PER_TRACK,
     should_stop: Callable[[], bool] | None = None,
+    stage_totals: dict | None = None,
 ) -> int:
     """Separate every track of ``shards`` on the actor pool; call ``on_shard`` as each shard completes.
 
+    With ``resources.model_actors`` the model actors are started first (and stopped after); their
+    totals (:func:`~demix.pipeline.batch.model_actors.stage_stats`) land in ``stage_totals``.
     Returns the number of tracks processed. Shards complete in any order; ``on_shard`` (the commit)
     runs on the driver. A track is started at most ``max_attempts`` times (see :class:`SeparatorActor`).
     Once ``should_stop()`` is true (checked between results and every ``STOP_POLL_S``), no further
@@ -265,11 +204,20 @@ def run_shards(
         if on_track is not None:
             on_track(track)
 
-    kwargs = {"spec": spec, "settings_hash": settings_hash, "device": resources.device, "threads": int(resources.cpus_per_actor)}
-    return _run_pool(
-        items, actor_cls, kwargs, resources, {s.shard_id: len(s.tracks) for s in shards}, on_result,
-        lambda shard_id: on_shard(results.pop(shard_id)), max_attempts, should_stop,
-    )
+    kwargs = {"spec": spec, "settings_hash": settings_hash, "device": resources.device, "threads": max(1, int(resources.cpus_per_actor))}
+    handles = start_model_actors(spec, resources, max_attempts) if resources.model_actors and items else []
+    if handles:
+        kwargs["model_actors"] = handles
+    try:
+        return _run_pool(
+            items, actor_cls, kwargs, resources, {s.shard_id: len(s.tracks) for s in shards}, on_result,
+            lambda shard_id: on_shard(results.pop(shard_id)), max_attempts, should_stop,
+        )
+    finally:
+        if handles:
+            if stage_totals is not None and not (should_stop and should_stop()):
+                stage_totals.update(stage_stats(handles))
+            stop_model_actors(handles)
 
 
 def _run_pool(
@@ -325,7 +273,7 @@ def _stream(items: list[dict], actor_cls: type, kwargs: dict, resources: Resourc
     ds = ds.map_batches(
         actor_cls,
         fn_constructor_kwargs=kwargs,
-        batch_size=1,
+        batch_size=TRACKS_IN_FLIGHT if kwargs.get("model_actors") else 1,
         compute=ray.data.ActorPoolStrategy(size=resources.actors),
         num_gpus=resources.gpus_per_actor or None,
         num_cpus=resources.cpus_per_actor,
@@ -394,15 +342,3 @@ def run_remix_shards(
 
 def _iter_rows(ds) -> Iterator[dict]:
     yield from ds.iter_rows()
-
-
-def shutdown_ray(abandoned: bool = False) -> None:
-    """Shut Ray down (the actors stop at once). ``abandoned``: a result iterator was left running
-    (see :class:`~demix.pipeline.batch.feed.Feed`); its errors once Ray is gone are expected, so Ray's loggers go silent."""
-    import ray
-
-    if abandoned:
-        for name in ("ray", "ray.data"):
-            logging.getLogger(name).setLevel(logging.CRITICAL + 1)
-    if ray.is_initialized():
-        ray.shutdown()

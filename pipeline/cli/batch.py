@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from demix.models.base import ModelLoadError
 from demix.models.registry import get_entry, model_options
-from demix.pipeline.batch import preflight
+from demix.pipeline.batch import preflight, report as reports
 from demix.pipeline.batch.catalog import CatalogError
 from demix.pipeline.batch.export import ClipRule, ExportError, export_lyrics, export_transcription
 from demix.pipeline.batch.remix import RemixConfig, RemixError
@@ -46,7 +46,20 @@ def _add_run(sub, common: argparse.ArgumentParser) -> None:
     )
     run.add_argument("catalog", metavar="CATALOG", help="folder, glob, fsspec URI, or CSV/Parquet file with a 'uri' column (optional 'track_id')")
     run.add_argument("-o", "--out", required=True, metavar="OUT_URI", help="output root: a local path or s3://bucket/prefix")
-    run.add_argument("--workers", type=int, help="CPU actors when the cluster has no GPU (default: 1); with GPUs, one actor per GPU")
+    run.add_argument(
+        "--workers", type=int,
+        help="without model actors: host workers each holding the model (default: 1); with GPUs: at most this many model actors",
+    )
+    run.add_argument(
+        "--model-actors", type=int, metavar="N",
+        help="run the model in N model actors fed full --batch-size batches by every host worker (default: one per GPU; "
+        "none on a cluster without GPUs, where each host worker holds the model)",
+    )
+    run.add_argument(
+        "--host-workers", type=int, metavar="N",
+        help="with model actors: host workers reading, assembling and writing tracks (default: the cluster's CPUs "
+        "minus those of the model actors)",
+    )
     run.add_argument("--ray-address", metavar="ADDR", help="join this Ray cluster (default: start a local instance)")
     run.add_argument("--shard-size", type=int, default=16, help="tracks per commit (default: 16)")
     run.add_argument("--force", action="store_true", help="redo tracks already committed")
@@ -92,6 +105,9 @@ def _check_run(args: argparse.Namespace) -> None:
         raise ValueError(f"--device for `demix run` is auto, cpu or cuda (one actor per GPU). Found: {args.device}")
     if args.shard_size < 1:
         raise ValueError(f"--shard-size must be >= 1. Found: {args.shard_size}")
+    for flag in ("workers", "model_actors", "host_workers"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1. Found: {getattr(args, flag)}")
     check_output_root(args.out)
 
 
@@ -101,8 +117,8 @@ def _run_params(args: argparse.Namespace) -> dict:
         catalog=args.catalog, out=args.out, model=args.model, weights=args.weights,
         weights_sha256=args.weights_sha256, trust_weights=args.trust_weights, model_options=model_options(args) or None,
         settings=settings_kwargs(args), encoding=encoding_kwargs(args), stems=args.stems,
-        two_stems=args.two_stems, workers_count=args.workers, device=args.device,
-        ray_address=args.ray_address, shard_size=args.shard_size, force=args.force,
+        two_stems=args.two_stems, workers_count=args.workers, model_actors=args.model_actors,
+        host_workers=args.host_workers, device=args.device, ray_address=args.ray_address, shard_size=args.shard_size, force=args.force,
         progress=not (args.no_progress or args.quiet), presence=args.presence, verbose=_verbose(args),
     )
 
@@ -205,6 +221,8 @@ def print_run_summary(summary: dict, out: str, brief: bool = False) -> None:
         f"({summary['realtime_factor_now']:.2f}x real time); committed in total: {summary['committed_ok_total']} ok, "
         f"{summary['committed_failed_total']} failed, {summary['hours_of_audio_total']:.3f} h of audio"
     )
+    if summary.get("model_stage"):
+        print(f"  model stage: {reports.model_stage_line(summary['model_stage'])}")
     if summary.get("presence"):
         judged = ", ".join(f"{stem} {c['present']}/{c['tracks']}" for stem, c in summary["presence"].items())
         print(f"  stems present (committed): {judged}")

@@ -12,8 +12,6 @@ from concurrent.futures import Future, ThreadPoolExecutor, as_completed, wait
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
-import torch
-
 from tqdm import tqdm
 
 from demix.models.base import ModelLoadError, Separator
@@ -21,7 +19,8 @@ from demix.models.registry import load_model, model_options
 from demix.pipeline.cli.common import device, fail
 from demix.pipeline.cli.console import EXIT_INTERRUPTED
 from demix.pipeline.engine import (
-    Cancelled, SeparationSettings, StemPlan, TrackError, plan_stems, separate_track, settings_kwargs,
+    Cancelled, ModelBatcher, SeparationSettings, StemPlan, TrackError, make_runner, plan_stems, separate_track,
+    settings_kwargs,
 )
 from demix.pipeline.io import (
     Encoding, StorageError, check_output_root, encoding_kwargs, expand_inputs, is_remote, join, local_path, safe_component,
@@ -56,8 +55,8 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
     )
     sep.add_argument(
         "-j", "--jobs", type=int, default=1, metavar="N",
-        help="separate N inputs at once in threads sharing the model and dividing torch's CPU threads "
-        "(default: 1; same output for any N)",
+        help="separate N inputs at once: N threads decode, cut, assemble and encode, and one model thread "
+        "runs full batches of --batch-size chunks drawn from all of them (default: 1; same output for any N)",
     )
     sep.set_defaults(handler=cmd_separate)
 
@@ -180,7 +179,9 @@ class _Tally:
 
 
 def _run_all(batch: _Batch, jobs: int, bar) -> _Tally:
-    """Separate every track on ``jobs`` threads (torch's CPU threads divided among them).
+    """Separate every track on ``jobs`` threads sharing one model stage (a :class:`ModelBatcher`
+    thread running full batches of ``--batch-size`` chunks drawn from all of them, with all of
+    torch's threads).
 
     The main thread only waits, so Ctrl-C reaches it and never a commit: it sets the cancel event,
     running tracks stop before their next chunk and discard their staged stems, queued ones never
@@ -188,16 +189,20 @@ def _run_all(batch: _Batch, jobs: int, bar) -> _Tally:
     """
     cancel = threading.Event()
     tally = _Tally()
-    threads = torch.get_num_threads()
-    if jobs > 1:
-        torch.set_num_threads(max(1, threads // jobs))
+    settings = batch.settings
+    stage = ModelBatcher(make_runner(batch.model, settings.device, settings.dtype), settings.batch_size)
 
     def one(uri: str, outputs: dict[str, str]) -> None:
         separate_track(
             batch.model, uri, outputs, plan=batch.plan, encoding=batch.encoding, settings=batch.settings,
-            progress=_ticker(bar, uri), cancel=cancel,
+            progress=_ticker(bar, uri), cancel=cancel, stage=stage,
         )
 
+    with stage:
+        return _run_on(batch, jobs, bar, one, cancel, tally)
+
+
+def _run_on(batch: _Batch, jobs: int, bar, one, cancel: threading.Event, tally: _Tally) -> _Tally:
     pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="demix-separate")
     futures: dict[Future, int] = {pool.submit(one, uri, out): i for i, (uri, out) in enumerate(batch.tracks)}
     try:
@@ -217,7 +222,6 @@ def _run_all(batch: _Batch, jobs: int, bar) -> _Tally:
                 _count(fut, batch.tracks[i][0], tally, quiet=True)
     finally:
         pool.shutdown(wait=True)
-        torch.set_num_threads(threads)
     tally.abandoned.sort()
     return tally
 

@@ -19,18 +19,20 @@ by the standard deviation of the mono mix of the *whole track*, undo it on the e
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import random
-from collections.abc import Callable, Iterable, Iterator
+from collections import deque
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from demix.models.base import Separator
+from demix.pipeline.engine.batcher import DTYPES as _DTYPES, DirectRunner, ModelBatcher, Ticket, make_runner
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+Stage = DirectRunner | ModelBatcher
+"""Where chunks are computed: at once in the caller's thread, or by a shared model stage."""
 
 
 @dataclass(frozen=True)
@@ -120,27 +122,32 @@ def triangle_window(length: int, power: float = 1.0) -> Tensor:
 class _OverlapAdd:
     """One overlap-add pass over a stream: push input blocks, receive finished output.
 
-    Holds at most ``segment + batch_size * stride`` input samples and as many output samples.
+    Chunk groups go to ``stage``; up to ``depth`` groups stay in flight behind the one being waited
+    for, so the next chunks are cut while the model computes. Holds at most
+    ``segment + (depth + 1) * batch_size * stride`` input samples and as many output samples.
     """
 
-    def __init__(self, model: Separator, settings: SeparationSettings, run: Callable[[Tensor], Tensor]) -> None:
+    def __init__(self, model: Separator, settings: SeparationSettings, stage: Stage, depth: int = 0) -> None:
         self.length = settings.segment_samples(model)
         self.stride = max(1, int((1 - settings.overlap) * self.length))
         self.batch_size = settings.batch_size
         self.window = triangle_window(self.length, settings.transition_power)
-        self.run = run
+        self.stage = stage
+        self.depth = depth
         self.sources = len(model.sources)
         self.channels = model.audio_channels
         self.inp = torch.zeros(self.channels, 0)
         self.inp_start = 0  # absolute index of inp[:, 0]
         self.total = 0  # samples pushed so far
-        self.next_chunk = 0  # absolute start of the next chunk to compute
+        self.next_chunk = 0  # absolute start of the next chunk to cut
+        self.inflight: deque[tuple[list[int], Ticket]] = deque()
+        self.final_before = 0  # samples before this are final (every chunk covering them is added)
         self.out = torch.zeros(self.sources, self.channels, 0)
         self.wsum = torch.zeros(0)
         self.out_start = 0  # absolute index of out[..., 0]; everything before it was emitted
 
     def push(self, block: Tensor) -> Tensor:
-        self.inp = torch.cat([self.inp, block], dim=-1)
+        self.inp = torch.cat([self.inp, block], dim=-1) if self.inp.shape[-1] else block
         self.total += block.shape[-1]
         return self._drain(final=False)
 
@@ -162,18 +169,34 @@ class _OverlapAdd:
             starts = self._ready_chunks(final)
             if not starts or (not final and len(starts) < self.batch_size):
                 break
-            self._compute(starts)
-        end = self.total if final else self.next_chunk
-        return self._emit(end)
+            self._cut(starts)
+            while len(self.inflight) > self.depth:
+                self._add(*self.inflight.popleft())
+        if final:
+            while self.inflight:
+                self._add(*self.inflight.popleft())
+            return self._emit(self.total)
+        return self._emit(self.final_before)
 
-    def _compute(self, starts: list[int]) -> None:
+    def _cut(self, starts: list[int]) -> None:
+        """Cut the chunks starting at ``starts`` (zero-padded at the end) and hand them to the stage."""
         chunks = []
         for s in starts:
             piece = self.inp[:, s - self.inp_start : s - self.inp_start + self.length]
             if piece.shape[-1] < self.length:
                 piece = torch.nn.functional.pad(piece, (0, self.length - piece.shape[-1]))
             chunks.append(piece)
-        est = self.run(torch.stack(chunks))  # (batch, sources, channels, length)
+        self.inflight.append((starts, self.stage.submit(torch.stack(chunks))))
+        self.next_chunk = starts[-1] + self.stride
+        # input before the next chunk is never read again
+        drop = min(self.next_chunk, self.total) - self.inp_start
+        if drop > 0:
+            self.inp = self.inp[:, drop:]
+            self.inp_start += drop
+
+    def _add(self, starts: list[int], ticket: Ticket) -> None:
+        """Weight the estimates of one group and add them to the output."""
+        est = ticket.result()  # (batch, sources, channels, length)
         expected = (len(starts), self.sources, self.channels, self.length)
         if tuple(est.shape) != expected:
             raise RuntimeError(f"model returned shape {tuple(est.shape)} for a chunk batch; expected {expected}")
@@ -186,12 +209,7 @@ class _OverlapAdd:
             a = s - self.out_start
             self.out[..., a : a + self.length] += est[i] * self.window
             self.wsum[a : a + self.length] += self.window
-        self.next_chunk = starts[-1] + self.stride
-        # input before the next chunk is never read again
-        drop = min(self.next_chunk, self.total) - self.inp_start
-        if drop > 0:
-            self.inp = self.inp[:, drop:]
-            self.inp_start += drop
+        self.final_before = starts[-1] + self.stride
 
     def _emit(self, end: int) -> Tensor:
         n = min(end, self.total) - self.out_start
@@ -204,29 +222,17 @@ class _OverlapAdd:
         return done
 
 
-def _runner(model: Separator, settings: SeparationSettings) -> Callable[[Tensor], Tensor]:
-    device = torch.device(settings.device)
-    dtype = _DTYPES[settings.dtype]
-
-    def run(chunks: Tensor) -> Tensor:
-        x = chunks.to(device, non_blocking=True)
-        ctx = (
-            torch.autocast(device_type=device.type, dtype=dtype)
-            if dtype is not torch.float32
-            else contextlib.nullcontext()
-        )
-        with torch.inference_mode(), ctx:
-            y = model(x)
-        return y.float().cpu()
-
-    return run
+def stage_for(model: Separator, settings: SeparationSettings) -> DirectRunner:
+    """The model stage of one track alone: the forward in the caller's thread, on ``settings.device``."""
+    return DirectRunner(make_runner(model, settings.device, settings.dtype))
 
 
 class _Passes:
     """Several overlap-add passes over one stream, each delayed by its own zero prefix; realigned."""
 
-    def __init__(self, model: Separator, settings: SeparationSettings) -> None:
-        run = _runner(model, settings)
+    def __init__(self, model: Separator, settings: SeparationSettings, stage: Stage | None) -> None:
+        depth = 0 if stage is None else 1  # a shared stage: keep one more group in flight
+        stage = stage or stage_for(model, settings)
         n = max(1, settings.shifts)
         if n > 1:
             max_shift = int(0.5 * model.sample_rate)
@@ -234,7 +240,7 @@ class _Passes:
             self.pads = [max_shift - rng.randint(0, max_shift) for _ in range(n)]
         else:
             self.pads = [0]
-        self.engines = [_OverlapAdd(model, settings, run) for _ in self.pads]
+        self.engines = [_OverlapAdd(model, settings, stage, depth) for _ in self.pads]
         self.skip = list(self.pads)
         self.pending: list[list[Tensor]] = [[] for _ in self.pads]
         self.pending_len = [0] * n
@@ -281,17 +287,21 @@ def separate_stream(
     settings: SeparationSettings = SeparationSettings(),
     *,
     stats: tuple[float, float] | None = None,
+    stage: Stage | None = None,
 ) -> Iterator[Tensor]:
     """Separate a stream of ``(channels, n)`` blocks into a stream of ``(sources, channels, m)`` blocks.
 
     The concatenated output has exactly the input's length. ``stats`` is ``(mean, std)`` of the
     whole track's mono mix, required when ``model.normalize_input`` (see :func:`track_stats`).
+    ``stage``: a shared :class:`~demix.pipeline.engine.batcher.ModelBatcher` (cross-track batches;
+    ``settings.device`` and ``dtype`` are then the batcher's business), or ``None``: the forward runs
+    in this thread. Same output either way.
     """
     if model.normalize_input and stats is None:
         raise ValueError(f"model {type(model).__name__} needs track statistics: pass stats=track_stats(...)")
     mean, std = stats if (model.normalize_input and stats is not None) else (0.0, 1.0)
     std = std if std > 1e-8 else 1.0
-    passes = _Passes(model, settings)
+    passes = _Passes(model, settings, stage)
     for block in blocks:
         if block.ndim != 2 or block.shape[0] != model.audio_channels:
             raise ValueError(f"Expected ({model.audio_channels}, time) blocks. Found: {tuple(block.shape)}")

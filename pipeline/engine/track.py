@@ -22,7 +22,7 @@ from torch import Tensor
 
 from demix.models.base import Separator
 from demix.pipeline.engine.features import FrameFeatures
-from demix.pipeline.engine.overlap_add import SeparationSettings, separate_stream, track_stats
+from demix.pipeline.engine.overlap_add import SeparationSettings, Stage, separate_stream, track_stats
 from demix.pipeline.engine.presence import Detector
 from demix.pipeline.engine.threads import Behind, Prefetch
 from demix.pipeline.errors import StagedError, stage_of
@@ -135,6 +135,7 @@ class _Job:
     block_seconds: float
     progress: Callable[[float], None] | None
     cancel: threading.Event | None = None
+    stage: Stage | None = None
 
     def conformed(self, stream: AudioStream) -> Iterator[Tensor]:
         """``(channels, n)`` blocks of ``stream`` at the model's rate and channel count."""
@@ -166,17 +167,10 @@ def _stage(source: str, stage: str) -> Iterator[None]:
 
 
 def separate_track(
-    model: Separator,
-    source: str,
-    outputs: dict[str, str],
-    *,
-    plan: StemPlan,
-    encoding: Encoding,
-    settings: SeparationSettings = SeparationSettings(),
-    block_seconds: float = 30.0,
-    progress: Callable[[float], None] | None = None,
-    presence: Detector | None = None,
-    cancel: threading.Event | None = None,
+    model: Separator, source: str, outputs: dict[str, str], *, plan: StemPlan, encoding: Encoding,
+    settings: SeparationSettings = SeparationSettings(), block_seconds: float = 30.0,
+    progress: Callable[[float], None] | None = None, presence: Detector | None = None,
+    cancel: threading.Event | None = None, stage: Stage | None = None,
 ) -> TrackResult:
     """Decode ``source``, separate it chunk by chunk and write each stem in ``plan`` to ``outputs[stem]``.
 
@@ -193,6 +187,8 @@ def separate_track(
             per written stem lands in :attr:`TrackResult.presence`.
         cancel: when set (from another thread), the track stops before its next model chunk and
             its staged stems are discarded; a track whose model pass is done still commits.
+        stage: a model stage shared with other tracks (:class:`~demix.pipeline.engine.batcher.ModelBatcher`
+            or remote); ``None``: the model runs in this thread. Same stems either way.
 
     Raises:
         TrackError: naming the source and the stage (read, decode, separate, encode, presence, write).
@@ -202,9 +198,10 @@ def separate_track(
     if missing:
         raise ValueError(f"no output URI for stems {missing}")
     started = time.perf_counter()
-    job = _Job(model, source, plan, settings, block_seconds, progress, cancel)
+    job = _Job(model, source, plan, settings, block_seconds, progress, cancel, stage)
     # leaving the staging area and the local copy, after the commit, is part of the write stage
     with _stage(source, "write"), contextlib.ExitStack() as held:
+        held.enter_context(stage.producer() if stage is not None else contextlib.nullcontext())
         with _stage(source, "read"):
             path = held.enter_context(local_copy(source))
             staged = held.enter_context(AtomicOutput())
@@ -300,7 +297,7 @@ def _run_model(job: _Job, blocks: Iterable[Tensor], sink: _StemSink, stats: tupl
         # decoding runs ahead and encoding runs behind in their own threads, so the model
         # is not kept waiting on I/O (all three release the GIL in their heavy parts)
         with Prefetch(_counting(blocks, job.progress, model.sample_rate), depth=2) as ahead, Behind(sink) as behind:
-            for est in separate_stream(model, _until_cancelled(ahead, job), job.settings, stats=stats):
+            for est in separate_stream(model, _until_cancelled(ahead, job), job.settings, stats=stats, stage=job.stage):
                 frames += est.shape[-1]
                 behind.submit(est)
     return frames
