@@ -69,10 +69,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import soundfile as sf
-import torch
-from torch import Tensor, nn
+# the same libgomp wait policy as the ``demix`` command (demix/pipeline/cli/_openmp.py) for every method,
+# set before torch is imported: with libgomp's default, a forward in the main thread (i, iii, iv) spins at
+# barriers and one in demix's model thread (ii) sleeps, and which is faster depends on the machine's load
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import soundfile as sf  # noqa: E402
+import torch  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -154,7 +159,7 @@ def load_bench_model(weights: Path) -> nn.Module:
     """The demix ``hdemucs-musdb`` Separator with the bench weights, through the real loader."""
     from demix.models.registry import load_model
 
-    return load_model("hdemucs-musdb", weights=str(weights), device="cpu")
+    return load_model("hdemucs-musdb", weights=str(weights), device="cpu", trust=True)
 
 
 # --------------------------------------------------------------------------- measuring
@@ -293,7 +298,7 @@ class CliModelProbe:
 
     @contextlib.contextmanager
     def watch(self) -> Iterator[None]:
-        import demix.models.registry as registry
+        import demix.pipeline.cli.separate as registry  # the CLI imported load_model by name
 
         original = registry.load_model
         self.load_seconds = 0.0
@@ -320,7 +325,7 @@ def demix_argv(wav: Path, out: Path, model: str, weights: Path | None, args: arg
         "--shifts", "0", "--device", "cpu", "--format", "wav", "--no-progress",
     ]
     if weights is not None:
-        argv += ["--weights", str(weights)]
+        argv += ["--weights", str(weights), "--trust-weights"]
     return argv
 
 
@@ -772,7 +777,7 @@ def speed_section(workdir: Path, weights: Path, args: argparse.Namespace) -> boo
 
     print(f"\n=== Speed: {args.seconds:g} s of audio, hdemucs_high (random weights, seed {args.seed}), "
           f"segment {args.segment:g} s, overlap {args.overlap:g}, best of {args.repeats} ===")
-    print(f"load average at end {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores "
+    print(f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}; load average at end {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores "
           "(other processes on these cores skew wall times)")
     print_table(results, skipped)
     print_speed_goals(results, args.overlap)

@@ -97,8 +97,15 @@ class FrameFeatures:
             raise PresenceError(f"Expected ({len(self.names)}, channels, time) blocks. Found: {tuple(block.shape)}")
         block = block.detach().float().cpu()
         self._samples += block.shape[-1]
-        if self._rest is not None:
-            block = torch.cat([self._rest, block], -1)
+        if self._rest is not None and self._rest.shape[-1]:
+            # complete the held partial frame from the block's head, instead of concatenating the
+            # whole block behind it (a full copy of every pushed block)
+            need = self.frame - self._rest.shape[-1]
+            if block.shape[-1] < need:
+                self._rest = torch.cat([self._rest, block], -1)
+                return
+            self._out.append(self._frames(torch.cat([self._rest, block[..., :need]], -1)))
+            block = block[..., need:]
         full = block.shape[-1] // self.frame
         if full:
             self._out.append(self._frames(block[..., : full * self.frame]))

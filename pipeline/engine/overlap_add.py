@@ -145,6 +145,7 @@ class _OverlapAdd:
         self.out = torch.zeros(self.sources, self.channels, 0)
         self.wsum = torch.zeros(0)
         self.out_start = 0  # absolute index of out[..., 0]; everything before it was emitted
+        self._weighted: Tensor | None = None  # scratch: one chunk's estimates times the window
 
     def push(self, block: Tensor) -> Tensor:
         self.inp = torch.cat([self.inp, block], dim=-1) if self.inp.shape[-1] else block
@@ -205,9 +206,13 @@ class _OverlapAdd:
             grow = need - self.out.shape[-1]
             self.out = torch.nn.functional.pad(self.out, (0, grow))
             self.wsum = torch.nn.functional.pad(self.wsum, (0, grow))
+        if self._weighted is None or self._weighted.shape != est.shape[1:]:
+            self._weighted = torch.empty(est.shape[1:])
         for i, s in enumerate(starts):
             a = s - self.out_start
-            self.out[..., a : a + self.length] += est[i] * self.window
+            # the same product as est[i] * window (same rounding), into one reused buffer
+            torch.mul(est[i], self.window, out=self._weighted)
+            self.out[..., a : a + self.length] += self._weighted
             self.wsum[a : a + self.length] += self.window
         self.final_before = starts[-1] + self.stride
 
@@ -261,7 +266,9 @@ class _Passes:
             return None
         parts = []
         for i in range(len(self.engines)):
-            cat = torch.cat(self.pending[i], dim=-1)
+            pending = self.pending[i]
+            # one pending block (a single pass, the default) goes on as it is: cat would copy it
+            cat = pending[0] if len(pending) == 1 else torch.cat(pending, dim=-1)
             parts.append(cat[..., :ready])
             rest = cat[..., ready:]
             self.pending[i] = [rest] if rest.shape[-1] else []
@@ -302,17 +309,20 @@ def separate_stream(
     mean, std = stats if (model.normalize_input and stats is not None) else (0.0, 1.0)
     std = std if std > 1e-8 else 1.0
     passes = _Passes(model, settings, stage)
+    # without normalisation (mean 0, std 1) the affine maps are the identity: skip two full passes
+    # over the input and two over every (sources, channels, n) output block
+    normalize = mean != 0.0 or std != 1.0
     for block in blocks:
         if block.ndim != 2 or block.shape[0] != model.audio_channels:
             raise ValueError(f"Expected ({model.audio_channels}, time) blocks. Found: {tuple(block.shape)}")
         if block.shape[-1] == 0:
             continue
-        out = passes.push((block.float() - mean) / std)
+        out = passes.push((block.float() - mean) / std if normalize else block.float())
         if out is not None:
-            yield out * std + mean
+            yield out * std + mean if normalize else out
     out = passes.finish()
     if out is not None:
-        yield out * std + mean
+        yield out * std + mean if normalize else out
 
 
 def track_stats(blocks: Iterable[Tensor]) -> tuple[float, float]:
