@@ -533,3 +533,36 @@ def test_encoding_flags_round_trip():
     assert Encoding(**encoding_kwargs(parser.parse_args(["--format", "mp3", "--mp3-bitrate", "192"]))).mp3_bitrate == 192
     with pytest.raises(ValueError, match="--bit-depth"):
         Encoding(**encoding_kwargs(parser.parse_args(["--format", "mp3", "--bit-depth", "24"])))
+
+
+class _Unseekable(io.RawIOBase):
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        self.data += bytes(b)
+        return len(b)
+
+
+@pytest.mark.parametrize("target", ["path", "seekable", "unseekable"])
+@pytest.mark.parametrize("fmt", ["wav", "flac"])
+def test_rescale_of_a_late_loud_block_to_any_target(tmp_path, target, fmt):
+    """A loud block late in the track scales the whole track, whatever the target: a path, a seekable
+    file object or an unseekable stream."""
+    quiet, loud = sine(seconds=0.5, amp=0.4), sine(seconds=0.5, amp=1.8)
+    enc = Encoding(format=fmt, clip="rescale")
+    sink = {"path": tmp_path / f"r.{fmt}", "seekable": io.BytesIO(), "unseekable": _Unseekable()}[target]
+    with AudioWriter(sink, sample_rate=SR, channels=2, encoding=enc) as w:
+        w.write(quiet)
+        w.write(loud)
+    data = sink if target == "path" else io.BytesIO(sink.getvalue() if target == "seekable" else bytes(sink.data))
+    out = sf.read(data, dtype="float32", always_2d=True)[0].T
+    expected = np.concatenate([quiet, loud], axis=1) / (1.01 * 1.8)
+    assert out.shape == expected.shape and np.abs(out - expected).max() < 2e-4
+    direct = io.BytesIO()
+    with AudioWriter(direct, sample_rate=SR, channels=2, encoding=enc) as w:
+        w.write(quiet)
+    assert w.gain == 1.0 and np.abs(sf.read(io.BytesIO(direct.getvalue()), dtype="float32")[0].T - quiet).max() < 2e-4

@@ -25,6 +25,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -131,24 +132,25 @@ class _OverlapAdd:
         self.length = settings.segment_samples(model)
         self.stride = max(1, int((1 - settings.overlap) * self.length))
         self.batch_size = settings.batch_size
-        self.window = triangle_window(self.length, settings.transition_power)
+        self.window = triangle_window(self.length, settings.transition_power).numpy()
         self.stage = stage
         self.depth = depth
         self.sources = len(model.sources)
         self.channels = model.audio_channels
-        self.inp = torch.zeros(self.channels, 0)
+        self.inp = np.zeros((self.channels, 0), np.float32)
         self.inp_start = 0  # absolute index of inp[:, 0]
         self.total = 0  # samples pushed so far
         self.next_chunk = 0  # absolute start of the next chunk to cut
         self.inflight: deque[tuple[list[int], Ticket]] = deque()
         self.final_before = 0  # samples before this are final (every chunk covering them is added)
-        self.out = torch.zeros(self.sources, self.channels, 0)
-        self.wsum = torch.zeros(0)
+        self.out = np.zeros((self.sources, self.channels, 0), np.float32)
+        self.wsum = np.zeros(0, np.float32)
         self.out_start = 0  # absolute index of out[..., 0]; everything before it was emitted
-        self._weighted: Tensor | None = None  # scratch: one chunk's estimates times the window
+        self._weighted: np.ndarray | None = None  # scratch: one chunk's estimates times the window
 
     def push(self, block: Tensor) -> Tensor:
-        self.inp = torch.cat([self.inp, block], dim=-1) if self.inp.shape[-1] else block
+        x = block.numpy()
+        self.inp = np.concatenate([self.inp, x], axis=-1) if self.inp.shape[-1] else x
         self.total += block.shape[-1]
         return self._drain(final=False)
 
@@ -181,13 +183,11 @@ class _OverlapAdd:
 
     def _cut(self, starts: list[int]) -> None:
         """Cut the chunks starting at ``starts`` (zero-padded at the end) and hand them to the stage."""
-        chunks = []
-        for s in starts:
+        chunks = np.zeros((len(starts), self.channels, self.length), np.float32)
+        for i, s in enumerate(starts):
             piece = self.inp[:, s - self.inp_start : s - self.inp_start + self.length]
-            if piece.shape[-1] < self.length:
-                piece = torch.nn.functional.pad(piece, (0, self.length - piece.shape[-1]))
-            chunks.append(piece)
-        self.inflight.append((starts, self.stage.submit(torch.stack(chunks))))
+            chunks[i, :, : piece.shape[-1]] = piece
+        self.inflight.append((starts, self.stage.submit(torch.from_numpy(chunks))))
         self.next_chunk = starts[-1] + self.stride
         # input before the next chunk is never read again
         drop = min(self.next_chunk, self.total) - self.inp_start
@@ -196,22 +196,23 @@ class _OverlapAdd:
             self.inp_start += drop
 
     def _add(self, starts: list[int], ticket: Ticket) -> None:
-        """Weight the estimates of one group and add them to the output."""
+        """Weight the estimates of one group and add them to the output (in numpy: one thread, no
+        OpenMP team woken per operation; the same IEEE products and sums as torch's)."""
         est = ticket.result()  # (batch, sources, channels, length)
         expected = (len(starts), self.sources, self.channels, self.length)
         if tuple(est.shape) != expected:
             raise RuntimeError(f"model returned shape {tuple(est.shape)} for a chunk batch; expected {expected}")
+        est = est.detach().cpu().float().numpy()
         need = starts[-1] + self.length - self.out_start
         if self.out.shape[-1] < need:
             grow = need - self.out.shape[-1]
-            self.out = torch.nn.functional.pad(self.out, (0, grow))
-            self.wsum = torch.nn.functional.pad(self.wsum, (0, grow))
-        if self._weighted is None or self._weighted.shape != est.shape[1:]:
-            self._weighted = torch.empty(est.shape[1:])
+            self.out = np.concatenate([self.out, np.zeros((self.sources, self.channels, grow), np.float32)], axis=-1)
+            self.wsum = np.concatenate([self.wsum, np.zeros(grow, np.float32)])
+        if self._weighted is None:
+            self._weighted = np.empty((self.sources, self.channels, self.length), np.float32)
         for i, s in enumerate(starts):
             a = s - self.out_start
-            # the same product as est[i] * window (same rounding), into one reused buffer
-            torch.mul(est[i], self.window, out=self._weighted)
+            np.multiply(est[i], self.window, out=self._weighted)
             self.out[..., a : a + self.length] += self._weighted
             self.wsum[a : a + self.length] += self.window
         self.final_before = starts[-1] + self.stride
@@ -224,7 +225,7 @@ class _OverlapAdd:
         self.out = self.out[..., n:]
         self.wsum = self.wsum[n:]
         self.out_start += n
-        return done
+        return torch.from_numpy(done)
 
 
 def stage_for(model: Separator, settings: SeparationSettings) -> DirectRunner:

@@ -212,6 +212,9 @@ class AudioWriter:
         self._created = False  # whether this writer opened (created or truncated) a path target
         self._sink: sf.SoundFile | None = None
         self._spool = None
+        # 'rescale': the gain is known only at the end, so blocks are spooled (float32, local disk) and
+        # encoded on close. (Encoding at once while the peak allowed a gain of 1 was tried: a mastered mix
+        # reaches full scale somewhere in nearly every track, and the encoding done before was wasted.)
         if encoding.clip == "rescale":
             try:
                 self._spool = tempfile.TemporaryFile(prefix="demix-spool-")
