@@ -159,6 +159,8 @@ def section_b(args, work: Path) -> None:
     log(f"\n== b. feeding a stand-in accelerator: {args.clips} x 30 s clips, batch 8, {args.per_chunk_ms:.0f} ms per chunk; {load()}")
     clips = _clips(work, args.clips)
     options = {"per_chunk_s": args.per_chunk_ms / 1000}
+    for old in ("b-flow", "b-sep"):
+        shutil.rmtree(work / old, ignore_errors=True)
     summary = separate_catalog(
         catalog=str(clips), out=str(work / "b-flow"), model="standin-sleep", registry_module="standin_models",
         model_options=options, settings={"batch_size": 8}, encoding={"format": "wav", "bit_depth": "16"},
@@ -194,6 +196,8 @@ def section_c(args, work: Path) -> None:
     for i in range(args.c_songs):
         write_audio(clips / f"song{i}.flac", 30, 700 + i, Encoding(format="flac", bit_depth="16"))
     files = sorted(map(str, clips.iterdir()))
+    for old in work.glob("c-flow*"):
+        shutil.rmtree(old, ignore_errors=True)
     best_sep = best_flow = None
     for r in range(args.repeats):
         load_model(args.c_model)
@@ -227,7 +231,7 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=210.0)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--clips", type=int, default=40)
-    p.add_argument("--per-chunk-ms", type=float, default=60.0)
+    p.add_argument("--per-chunk-ms", type=float, default=200.0)
     p.add_argument("--c-model", default="unet")
     p.add_argument("--c-songs", type=int, default=6)
     p.add_argument("--keep", metavar="DIR", help="work in DIR (kept) instead of a temporary folder")

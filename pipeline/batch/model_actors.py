@@ -26,6 +26,12 @@ from demix.pipeline.batch.cluster import Resources
 from demix.pipeline.batch.run import RunSpec
 from demix.pipeline.engine import ModelBatcher, make_runner
 
+MAX_WAIT_S = 0.5
+"""How long a model actor lets a short batch wait for more chunks. It cannot know whether a host worker
+is about to send some (callers on other processes do not register), so it waits longer than an
+in-process stage (50 ms): long enough for a host worker to decode its next track; a run ends with
+one such wait."""
+
 MAX_CALLS_IN_FLIGHT = 1024
 """Concurrent ``forward`` calls a model actor accepts (they wait in its batcher, holding no thread of work)."""
 
@@ -53,7 +59,7 @@ class ModelInfo:
 class ModelServer:
     """A model actor (see the module docstring)."""
 
-    def __init__(self, spec: RunSpec, device: str, threads: int, max_wait_s: float = 0.05) -> None:
+    def __init__(self, spec: RunSpec, device: str, threads: int, max_wait_s: float = MAX_WAIT_S) -> None:
         torch.set_num_threads(max(1, threads))
         self.model = spec.load(device=device)
         run = make_runner(self.model, device, spec.settings.dtype)

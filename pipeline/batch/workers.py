@@ -43,8 +43,12 @@ from demix.pipeline.engine import TrackError
 
 
 TRACKS_IN_FLIGHT = 2
-"""Tracks a host worker separates at once when the model runs in model actors (its Ray Data batch),
+"""Tracks of one Ray Data batch a host worker separates at once when the model runs in model actors,
 so the model stage has chunks of several tracks to fill its batches from."""
+
+CALLS_IN_FLIGHT = 2
+"""Ray Data batches a host worker runs at once (threads) when the model runs in model actors: while
+one batch's tracks are written, the next one's are read and computed (no bubble at batch ends)."""
 
 TRACKS_PER_BLOCK = 32
 """Upper bound of tracks in one Ray Data block (the unit a dead actor's retry redoes)."""
@@ -270,11 +274,13 @@ def _stream(items: list[dict], actor_cls: type, kwargs: dict, resources: Resourc
     # per actor so every actor gets work
     blocks = min(len(items), max(math.ceil(len(items) / TRACKS_PER_BLOCK), 4 * resources.actors))
     ds = ray.data.from_items(items, override_num_blocks=blocks)
+    staged = bool(kwargs.get("model_actors"))
+    concurrent = {"max_concurrent_calls_per_actor": CALLS_IN_FLIGHT, "enable_true_multi_threading": True} if staged else {}
     ds = ds.map_batches(
         actor_cls,
         fn_constructor_kwargs=kwargs,
-        batch_size=TRACKS_IN_FLIGHT if kwargs.get("model_actors") else 1,
-        compute=ray.data.ActorPoolStrategy(size=resources.actors),
+        batch_size=TRACKS_IN_FLIGHT if staged else 1,
+        compute=ray.data.ActorPoolStrategy(size=resources.actors, **concurrent),
         num_gpus=resources.gpus_per_actor or None,
         num_cpus=resources.cpus_per_actor,
     )  # Ray Data gives pool actors max_restarts=-1 and max_task_retries=-1: a dead actor's batch is retried
