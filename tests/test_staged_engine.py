@@ -220,3 +220,36 @@ def test_threads_are_not_left_behind():
     with ModelBatcher(make_runner(_Refuses()), 2) as stage:
         stage.submit(torch.ones(1, 1, 3)).result()
     assert "demix-model" not in {t.name for t in threading.enumerate()} - before
+
+
+def test_a_track_run_alone_has_the_process_to_itself():
+    """``Exclusive``: an ``alone`` holder waits for the shared ones to leave, and shared holders
+    arriving while it waits or runs wait for it."""
+    from demix.pipeline.engine import Exclusive
+
+    lock, log, inside = Exclusive(), [], threading.Event()
+
+    def shared(name: str, hold: float) -> None:
+        with lock.shared():
+            log.append(f"+{name}")
+            inside.set()
+            threading.Event().wait(hold)
+            log.append(f"-{name}")
+
+    def alone() -> None:
+        with lock.alone():
+            log.append("+alone")
+            threading.Event().wait(0.05)
+            log.append("-alone")
+
+    first = threading.Thread(target=shared, args=("a", 0.2))
+    first.start()
+    inside.wait()
+    suspect = threading.Thread(target=alone)
+    suspect.start()
+    threading.Event().wait(0.05)
+    late = threading.Thread(target=shared, args=("b", 0.0))
+    late.start()
+    for t in (first, suspect, late):
+        t.join()
+    assert log == ["+a", "-a", "+alone", "-alone", "+b", "-b"]

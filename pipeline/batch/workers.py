@@ -36,19 +36,19 @@ from demix.pipeline.batch.model_actors import RemoteStage, model_info, stage_sta
 from demix.pipeline.batch.remix.build import build_example
 from demix.pipeline.batch.remix.plan import Recipe
 from demix.pipeline.batch.run import RunSpec, process_track
-from demix.pipeline.engine import TrackError
+from demix.pipeline.engine import Exclusive, ModelBatcher, TrackError, make_runner
 
 # ray is imported inside the functions that use it, and only in this module (no other module of demix
 # may import ray): importing demix.pipeline.batch, the flows or the CLI never starts or loads Ray.
 
 
 TRACKS_IN_FLIGHT = 2
-"""Tracks of one Ray Data batch a host worker separates at once when the model runs in model actors,
-so the model stage has chunks of several tracks to fill its batches from."""
+"""Tracks of one Ray Data batch a host worker separates at once, so the model stage has chunks of
+several tracks to fill its batches from."""
 
 CALLS_IN_FLIGHT = 2
-"""Ray Data batches a host worker runs at once (threads) when the model runs in model actors: while
-one batch's tracks are written, the next one's are read and computed (no bubble at batch ends)."""
+"""Ray Data batches a host worker runs at once (threads): while one batch's tracks are written, the
+next one's are read and computed (no bubble at batch ends)."""
 
 TRACKS_PER_BLOCK = 32
 """Upper bound of tracks in one Ray Data block (the unit a dead actor's retry redoes)."""
@@ -117,12 +117,15 @@ class _CountedActor:
 
 
 class SeparatorActor(_CountedActor):
-    """A host worker: ``__call__`` separates a batch of tracks (read, overlap-add, write), with the model
-    loaded once in ``__init__``, or, given ``model_actors``, computed by those (a :class:`RemoteStage`).
+    """A host worker: ``__call__`` separates the tracks of a batch at once in threads (read, overlap-add,
+    write), their chunks computed by one model stage: a :class:`ModelBatcher` over the model loaded
+    once in ``__init__``, or, given ``model_actors``, those (a :class:`RemoteStage`). Ray Data runs
+    ``CALLS_IN_FLIGHT`` batches of an actor at once.
 
     Delegates all work to :func:`demix.pipeline.batch.run.process_track`, which tests call without Ray. A track
     started more than ``max_attempts`` times (see :class:`_CountedActor`) gets the rows of
-    :func:`given_up`.
+    :func:`given_up`; a track that was started before (its process died with it in flight) runs alone
+    in the process (:class:`Exclusive`), so a later death is blamed on it and on no other track.
     """
 
     def __init__(
@@ -139,13 +142,16 @@ class SeparatorActor(_CountedActor):
                 importlib.import_module(spec.registry_module)
             self.model, self.stage = model_info(model_actors[0]), RemoteStage(model_actors)
         else:
-            self.model, self.stage = spec.load(device=device), None
+            self.model = spec.load(device=device)
+            run = make_runner(self.model, device, spec.settings.dtype)
+            self.stage = ModelBatcher(run, spec.settings.batch_size).__enter__()  # lives as long as the actor
         self.detector = spec.load_presence(self.model)
+        self.lock = Exclusive()
 
     def __call__(self, batch: dict) -> dict:
         """The tracks of ``batch``; with model actors, at once in threads (their chunks share model batches)."""
         jobs = list(zip(batch["shard_id"], batch["track_id"], batch["uri"]))
-        if self.stage is not None and len(jobs) > 1:
+        if len(jobs) > 1:
             with ThreadPoolExecutor(len(jobs), thread_name_prefix="demix-track") as pool:
                 results = list(pool.map(lambda job: self._one(*job), jobs))
         else:
@@ -161,9 +167,10 @@ class SeparatorActor(_CountedActor):
             digest = getattr(self.model, "weights_sha256", None)
             row, stems, failures = given_up(track, self.spec, self.settings_hash, digest, attempt - 1)
         else:
-            row, stems, failures = process_track(
-                self.model, track, self.spec, settings_hash=self.settings_hash, detector=self.detector, stage=self.stage,
-            )
+            with self.lock.alone() if attempt > 1 else self.lock.shared():
+                row, stems, failures = process_track(
+                    self.model, track, self.spec, settings_hash=self.settings_hash, detector=self.detector, stage=self.stage,
+                )
         self._finish(track.track_id)
         return json.dumps({"track": asdict(row), "stems": [asdict(s) for s in stems], "failures": [asdict(f) for f in failures]})
 
@@ -274,13 +281,13 @@ def _stream(items: list[dict], actor_cls: type, kwargs: dict, resources: Resourc
     # per actor so every actor gets work
     blocks = min(len(items), max(math.ceil(len(items) / TRACKS_PER_BLOCK), 4 * resources.actors))
     ds = ray.data.from_items(items, override_num_blocks=blocks)
-    staged = bool(kwargs.get("model_actors"))
-    concurrent = {"max_concurrent_calls_per_actor": CALLS_IN_FLIGHT, "enable_true_multi_threading": True} if staged else {}
     ds = ds.map_batches(
         actor_cls,
         fn_constructor_kwargs=kwargs,
-        batch_size=TRACKS_IN_FLIGHT if staged else 1,
-        compute=ray.data.ActorPoolStrategy(size=resources.actors, **concurrent),
+        batch_size=TRACKS_IN_FLIGHT,
+        compute=ray.data.ActorPoolStrategy(
+            size=resources.actors, max_concurrent_calls_per_actor=CALLS_IN_FLIGHT, enable_true_multi_threading=True,
+        ),
         num_gpus=resources.gpus_per_actor or None,
         num_cpus=resources.cpus_per_actor,
     )  # Ray Data gives pool actors max_restarts=-1 and max_task_retries=-1: a dead actor's batch is retried

@@ -5,6 +5,7 @@ export list is a contract: names are added, never removed.
 """
 
 from demix.pipeline.engine.batcher import BatchStats, DirectRunner, ModelBatcher, Ticket, make_runner
+from demix.pipeline.engine.threads import Exclusive
 from demix.pipeline.engine.features import BAND_EDGES_HZ, FRAME_S, Features, FrameFeatures, PresenceError, features_of
 from demix.pipeline.engine.overlap_add import (
     SeparationSettings, add_separation_flags, separate, separate_stream, settings_kwargs, stage_for, track_stats,
@@ -20,7 +21,7 @@ from demix.pipeline.engine.track import (
 )
 
 __all__ = [
-    "BatchStats", "DirectRunner", "ModelBatcher", "Ticket", "make_runner", "stage_for",
+    "BatchStats", "DirectRunner", "Exclusive", "ModelBatcher", "Ticket", "make_runner", "stage_for",
     "Cancelled", "BAND_EDGES_HZ", "CLASSIFIER_RULE", "DEFAULT_CLASSIFIER", "DEFAULT_DETECTOR", "DETECTORS", "FRAME_S",
     "Detector", "EnergyConfig", "Features", "FrameFeatures", "Hysteresis", "Presence", "PresenceError", "Segment",
     "SeparationSettings", "StemPlan", "TrackError", "TrackResult", "add_separation_flags", "add_stem_flags",

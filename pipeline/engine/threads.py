@@ -109,3 +109,46 @@ class Behind:
         self._thread.join()
         if exc_type is None and self._error is not None:
             raise self._error
+
+
+class Exclusive:
+    """A shared/alone lock: many holders of :meth:`shared` at once, or one holder of :meth:`alone` and
+    nobody else. A waiting :meth:`alone` goes first (new shared holders wait for it), so it is never starved.
+
+    Host workers run a track that already died with its process *alone*: when the process dies again,
+    that track is the only one in flight, and no other track is blamed for it.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._shared = 0
+        self._alone = False
+        self._waiting = 0
+
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            while self._alone or self._waiting:
+                self._cond.wait()
+            self._shared += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._shared -= 1
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def alone(self) -> Iterator[None]:
+        with self._cond:
+            self._waiting += 1
+            while self._alone or self._shared:
+                self._cond.wait()
+            self._waiting -= 1
+            self._alone = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._alone = False
+                self._cond.notify_all()
