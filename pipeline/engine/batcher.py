@@ -51,6 +51,7 @@ def make_runner(model: Separator, device: str = "cpu", dtype: str = "float32") -
             y = model(x)
         if not cuda:
             return y.float()
+        y = y.float()  # on the device: the copy to the host is then a plain float32 transfer
         host = torch.empty(y.shape, dtype=torch.float32, pin_memory=True)
         host.copy_(y, non_blocking=True)
         torch.cuda.current_stream(dev).synchronize()
