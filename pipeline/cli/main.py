@@ -7,6 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from demix.pipeline.cli._openmp import tune_process
 from demix.pipeline.cli import batch, evaluate, models, separate, train
 from demix.pipeline.cli.common import separation_parent
 
@@ -44,6 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``demix`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    tune_process()
     return args.handler(args)
 
 
