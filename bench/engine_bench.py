@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parent.parent
 BENCH = Path(__file__).resolve().parent
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(BENCH), os.environ.get("PYTHONPATH", "")) if p)
 os.environ.setdefault("DO_NOT_TRACK", "1")
-# as the demix command does (pipeline/cli/_openmp.py), before torch is imported: libgomp's idle threads
+# as the demix command does (pipeline/cli/_process.py), before torch is imported: libgomp's idle threads
 # sleep at barriers instead of spinning (on a busy machine spinning slows every torch op 2-4x)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(BENCH))

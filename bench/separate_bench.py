@@ -69,7 +69,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-# the same libgomp wait policy as the ``demix`` command (demix/pipeline/cli/_openmp.py) for every method,
+# the same libgomp wait policy as the ``demix`` command (demix/pipeline/cli/_process.py) for every method,
 # set before torch is imported: with libgomp's default, a forward in the main thread (i, iii, iv) spins at
 # barriers and one in demix's model thread (ii) sleeps, and which is faster depends on the machine's load
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

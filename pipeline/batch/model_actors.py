@@ -15,7 +15,7 @@ that kills it every time fails its track after ``max_task_retries`` retries (``s
 
 from __future__ import annotations
 
-import importlib
+import contextlib
 import itertools
 from dataclasses import asdict, dataclass
 
@@ -101,8 +101,6 @@ class RemoteStage:
         return _RemoteTicket(next(self._next).forward.remote(chunks.numpy()))
 
     def producer(self):
-        import contextlib
-
         return contextlib.nullcontext()
 
 
@@ -110,8 +108,7 @@ def start_model_actors(spec: RunSpec, resources: Resources, max_task_retries: in
     """Start ``resources.model_actors`` :class:`ModelServer` actors and wait until each has loaded its model."""
     import ray
 
-    if spec.registry_module:
-        importlib.import_module(spec.registry_module)
+    spec.import_registry()
     cls = ray.remote(ModelServer).options(
         num_gpus=resources.gpus_per_model or None, num_cpus=resources.cpus_per_model,
         max_restarts=-1, max_task_retries=max_task_retries, max_concurrency=MAX_CALLS_IN_FLIGHT,

@@ -50,9 +50,13 @@ class RunSpec:
         """The :class:`demix.pipeline.engine.Detector` of this run (``presence`` is one of its kinds)."""
         return Detector(self.presence, sources=separator.sources)
 
-    def load(self, device: str | None = None) -> Separator:
+    def import_registry(self) -> None:
+        """Import ``registry_module`` (if any), so its entries are registered in this process."""
         if self.registry_module:
             importlib.import_module(self.registry_module)
+
+    def load(self, device: str | None = None) -> Separator:
+        self.import_registry()
         return load_model(
             self.model, weights=self.weights, sha256=self.weights_sha256, trust=self.trust_weights,
             device=device or self.settings.device, **dict(self.model_options),

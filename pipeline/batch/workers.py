@@ -19,7 +19,6 @@ actors and retries their batches, sizes one pool for CPUs or GPUs, and scales to
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -138,8 +137,7 @@ class SeparatorActor(_CountedActor):
         self.spec = spec
         self.settings_hash = settings_hash
         if model_actors:
-            if spec.registry_module:
-                importlib.import_module(spec.registry_module)
+            spec.import_registry()  # its fault hooks and plug-ins, though the weights stay in the model actors
             self.model, self.stage = model_info(model_actors[0]), RemoteStage(model_actors)
         else:
             self.model = spec.load(device=device)

@@ -1,6 +1,6 @@
 """The ``demix`` command line: the only place, with the flows, that prints or exits."""
 
-from demix.pipeline.cli import _openmp  # noqa: F401  (before torch: sets OMP_WAIT_POLICY)
+from demix.pipeline.cli import _process  # noqa: F401  (before torch: sets OMP_WAIT_POLICY)
 from demix.pipeline.cli.main import main
 
 __all__ = ["main"]

@@ -7,7 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from demix.pipeline.cli._openmp import tune_process
+from demix.pipeline.cli._process import tune_process
 from demix.pipeline.cli import batch, evaluate, models, separate, train
 from demix.pipeline.cli.common import separation_parent
 
