@@ -20,6 +20,7 @@ from prefect.cache_policies import NO_CACHE
 
 from demix.flows.common import Console, LazyBar, retryable, start_pool, stopped  # retryable: RemixError is a ValueError
 from demix.pipeline.batch import manifest, remix, report as reports, workers
+from demix.pipeline.batch.gc import RunLease
 from demix.pipeline.io import join, output_root
 
 
@@ -117,7 +118,8 @@ def build_remix_dataset(
     run_uri, out = output_root(run_uri), output_root(out)
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1. Found: {shard_size}")
-    console.status("planning: reading the run's manifests and the committed examples")
-    the_plan = plan(run_uri, out, config, shard_size)
-    stats = execute(the_plan, out, workers_count, ray_address, progress, console)
-    return report(out, config.split, the_plan, stats)
+    with RunLease(out):  # `demix gc OUT` leaves alone what this run writes before it commits
+        console.status("planning: reading the run's manifests and the committed examples")
+        the_plan = plan(run_uri, out, config, shard_size)
+        stats = execute(the_plan, out, workers_count, ray_address, progress, console)
+        return report(out, config.split, the_plan, stats)

@@ -19,6 +19,7 @@ from prefect.cache_policies import NO_CACHE
 from demix.flows.common import Console, LazyBar, retryable, start_pool, stopped
 from demix.pipeline.batch import catalog as cat
 from demix.pipeline.batch import manifest, preflight, report as reports, workers
+from demix.pipeline.batch.gc import RunLease
 from demix.pipeline.batch.run import RunSpec
 from demix.pipeline.io import output_root
 
@@ -132,7 +133,8 @@ def separate_catalog(
         settings=settings, encoding=encoding, stems=stems, two_stems=two_stems, registry_module=registry_module,
         presence=presence,
     )
-    console.status("planning: reading the catalog and the committed manifests")
-    the_plan = plan(catalog, spec, shard_size, force)
-    stats = execute(the_plan, spec, workers_count, device, ray_address, progress, console, model_actors, host_workers)
-    return report(spec.out, the_plan, stats)
+    with RunLease(spec.out):  # `demix gc` leaves alone what this run writes before it commits
+        console.status("planning: reading the catalog and the committed manifests")
+        the_plan = plan(catalog, spec, shard_size, force)
+        stats = execute(the_plan, spec, workers_count, device, ray_address, progress, console, model_actors, host_workers)
+        return report(spec.out, the_plan, stats)

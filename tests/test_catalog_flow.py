@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -122,7 +123,7 @@ def test_mixed_catalog_on_s3(kind, s3, flow_env):
         (tid, stem) for tid in ok_ids for stem in ("vocals", "drums", "bass", "other")
     )
     for s in stems:
-        assert s["uri"] == f"{out}/stems/{s['track_id']}/{s['stem']}.wav"
+        assert re.fullmatch(rf"{re.escape(out)}/stems/{s['track_id']}/[0-9a-f]{{16}}/[0-9TZ]{{16}}-[0-9a-f]{{10}}/{s['stem']}.wav", s["uri"])
         assert _stem_frames(fs, s["uri"]) == (8000, 2, 16000) == (s["sample_rate"], s["channels"], s["num_frames"])
     if kind == "csv":
         assert "-..-escape" in ok_ids, "the user's id, made safe"
@@ -322,7 +323,7 @@ def test_flow_sigkilled_halfway_then_rerun(tmp_path, flow_env):
     before = manifest.list_commits(str(out))
     done = {tid for c in before for tid in c.track_ids}
     assert 1 <= len(done) < n, "the run must be killed halfway"
-    stamps = {p: p.stat().st_mtime_ns for tid in done for p in (out / "stems" / tid).iterdir()}
+    stamps = {p: p.stat().st_mtime_ns for tid in done for p in (out / "stems" / tid).rglob("*.*")}
     assert len(stamps) == 4 * len(done)
 
     summary = run_flow(**params)

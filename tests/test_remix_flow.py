@@ -295,7 +295,7 @@ def test_remix_bad_stem_is_a_failure_row_and_a_rerun_completes(tmp_path, ray_clu
     separate_catalog(catalog=str(tone_catalog), out=run, model="test-bands", registry_module="demix_test_models",
                      settings={"segment": 1.0}, workers_count=1, shard_size=4, progress=False, presence="energy")
     ids = {k: v["drums"]["track_id"] for k, v in _stems_by_track(run).items()}
-    victim = Path(run) / "stems" / ids["nobass"] / "drums.wav"
+    victim = Path(_stems_by_track(run)["nobass"]["drums"]["uri"])
     kept = victim.read_bytes()
     victim.write_bytes(b"not audio")
     out = str(tmp_path / "remix")

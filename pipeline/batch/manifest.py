@@ -2,18 +2,28 @@
 
 Layout under a run's output root ``OUT``::
 
-    OUT/stems/<track_id>/<stem>.<ext>
+    OUT/stems/<track_id>/<settings_hash>/<attempt>/<stem>.<ext>                 # immutable: one folder per try
     OUT/manifests/_parts/<shard_id>/<attempt>/{tracks,stems,failures}.parquet   # one folder per attempt
     OUT/manifests/_commits/<shard_id>.json                                       # written once: the winner
                                                    # (names its parts relative to OUT/manifests)
-    OUT/manifests/{tracks,stems,failures}.parquet                                # consolidated view
+    OUT/manifests/_runs/<run_id>.json                                            # a running run's lease
+    OUT/manifests/_gc/<stamp>-<id>.json                                          # attempts gc removed
+    OUT/manifests/{tracks,stems,failures}.parquet                                # consolidated: current rows
+    OUT/manifests/history/{tracks,stems}.parquet                                 # every attempt, ``current``
 
 An attempt writes its parts under a fresh ``attempt`` name, so attempts never overwrite each other.
 It then tries to *create* the shard's commit record (``If-None-Match: *`` on S3, a hard link on a
 local disk): exactly one attempt wins, the others' parts are orphans that no reader looks at.
 Readers (and the next run's plan) trust only parts named by a commit record. When a track appears in
 several commits (a ``--force`` rerun, two runs racing), the consolidated view keeps one row per track:
-an ``ok`` row over a ``failed`` one, then the latest commit.
+an ``ok`` row over a ``failed`` one, then the latest commit; the history view keeps them all.
+
+Stems are written under a folder of their own per try of a track (``run.stem_uri``) before the commit,
+so a committed row points at exactly the bytes it describes, and a track's stems become reachable
+together, by the commit, or not at all. Output written before that layout
+(``OUT/stems/<track_id>/<stem>.<ext>``) stays readable: rows name their stems' URIs. Garbage
+collection (:mod:`demix.pipeline.batch.gc`) removes an attempt by recording it under ``_gc`` first;
+readers drop the rows of removed attempts.
 """
 
 from __future__ import annotations
@@ -157,6 +167,12 @@ class ShardResult:
     failures: list[FailureRow] = field(default_factory=list)
 
 
+HISTORY_SCHEMA = TRACKS_SCHEMA.append(pa.field("current", pa.bool_()))
+STEMS_HISTORY_SCHEMA = STEMS_SCHEMA.append(pa.field("current", pa.bool_()))
+FILES = {"history_tracks": "history/tracks.parquet", "history_stems": "history/stems.parquet"}
+"""Consolidated tables written under another name than ``<kind>.parquet``."""
+
+
 def manifests_root(out: str) -> str:
     return join(out, "manifests")
 
@@ -272,6 +288,29 @@ def _read_parts(out: str, commits: list[Commit], kind: str, schema: pa.Schema | 
     return pa.concat_tables([t.cast(schema) for t in tables])
 
 
+def record_removed(out: str, attempts: Iterable[tuple[str, str]]) -> str:
+    """Record ``(track_id, attempt)`` pairs as removed by garbage collection (before their bytes go)."""
+    pairs = sorted({(str(t), str(a)) for t, a in attempts})
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    uri = join(manifests_root(out), "_gc", f"{stamp}-{uuid.uuid4().hex[:12]}.json")
+    atomic_write(uri, json.dumps({"removed": pairs}).encode())
+    return uri
+
+
+def removed_attempts(out: str) -> set[tuple[str, str]]:
+    """Every ``(track_id, attempt)`` garbage collection removed under ``out``."""
+    fs, path = filesystem(join(manifests_root(out), "_gc"))
+    try:
+        names = sorted(p for p in fs.ls(path, detail=False, refresh=True) if p.endswith(".json"))
+    except FileNotFoundError:
+        return set()
+    return {(t, a) for blob in _cat_many(fs, names) for t, a in json.loads(blob)["removed"]}
+
+
+def _live(table: pa.Table, removed: set[tuple[str, str]]) -> list[dict]:
+    return [r for r in table.to_pylist() if (r["track_id"], r["attempt"]) not in removed]
+
+
 def read_committed(out: str, kind: str, schema: pa.Schema) -> tuple[pa.Table, list[Commit]]:
     """Every committed row of ``kind`` under ``out`` (duplicates across commits kept), and the commits
     in shard order."""
@@ -280,51 +319,65 @@ def read_committed(out: str, kind: str, schema: pa.Schema) -> tuple[pa.Table, li
 
 
 def read_manifests(out: str) -> dict[str, pa.Table]:
-    """The consolidated, de-duplicated view of every committed shard: ``{"tracks", "stems", "failures"}``.
+    """The consolidated, de-duplicated view of every committed shard: ``{"tracks", "stems", "failures"}``,
+    and the history: ``history_tracks`` and ``history_stems``, every attempt's rows with ``current``.
 
     One ``tracks`` row per track id (``ok`` beats ``failed``, then the latest commit); ``stems``
     rows of the chosen attempts; ``failures`` rows of tracks whose chosen row is ``failed``, whose
     ``attempts`` counts every committed failed attempt of the track (each run that failed it, and
-    each worker death within a run).
+    each worker death within a run). Rows of attempts garbage collection removed are left out.
     """
     commits = list_commits(out)
-    tracks = _read_parts(out, commits, "tracks")
+    removed = removed_attempts(out)
+    tracks = _live(_read_parts(out, commits, "tracks"), removed)
     chosen: dict[str, dict] = {}
-    for row in tracks.to_pylist():
+    for row in tracks:
         best = chosen.get(row["track_id"])
         key = (row["status"] == "ok", row["committed_at"])
         if best is None or key > (best["status"] == "ok", best["committed_at"]):
             chosen[row["track_id"]] = row
     winners = {(r["track_id"], r["attempt"]) for r in chosen.values()}
-    stems = [r for r in _read_parts(out, commits, "stems").to_pylist() if (r["track_id"], r["attempt"]) in winners]
+    all_stems = _live(_read_parts(out, commits, "stems"), removed)
+    stems = [r for r in all_stems if (r["track_id"], r["attempt"]) in winners]
     failures, tries = [], Counter()
-    for r in _read_parts(out, commits, "failures").to_pylist():
+    for r in _live(_read_parts(out, commits, "failures"), removed):
         tries[r["track_id"]] += r["attempts"] or 1
         if (r["track_id"], r["attempt"]) in winners and chosen[r["track_id"]]["status"] == "failed":
             failures.append(r)
     failures = [{**r, "attempts": tries[r["track_id"]]} for r in failures]
     order = sorted(chosen)
+
+    def history(rows: list[dict], key) -> list[dict]:
+        return sorted(({**r, "current": (r["track_id"], r["attempt"]) in winners} for r in rows), key=key)
+
     return {
         "tracks": pa.Table.from_pylist([chosen[k] for k in order], schema=TRACKS_SCHEMA),
         "stems": pa.Table.from_pylist(sorted(stems, key=lambda r: (r["track_id"], r["stem"])), schema=STEMS_SCHEMA),
         "failures": pa.Table.from_pylist(sorted(failures, key=lambda r: r["track_id"]), schema=FAILURES_SCHEMA),
+        "history_tracks": pa.Table.from_pylist(
+            history(tracks, lambda r: (r["track_id"], r["committed_at"])), schema=HISTORY_SCHEMA
+        ),
+        "history_stems": pa.Table.from_pylist(
+            history(all_stems, lambda r: (r["track_id"], r["attempt"], r["stem"])), schema=STEMS_HISTORY_SCHEMA
+        ),
     }
 
 
 def committed_ok(out: str, settings_hash: str) -> set[str]:
     """Track ids already committed with status ok for ``settings_hash`` (what a rerun may skip)."""
-    tracks = _read_parts(out, list_commits(out), "tracks")
+    removed = removed_attempts(out)
+    tracks = _read_parts(out, list_commits(out), "tracks").select(["track_id", "status", "settings_hash", "attempt"])
     return {
-        r["track_id"] for r in tracks.select(["track_id", "status", "settings_hash"]).to_pylist()
-        if r["status"] == "ok" and r["settings_hash"] == settings_hash
+        r["track_id"] for r in _live(tracks, removed) if r["status"] == "ok" and r["settings_hash"] == settings_hash
     }
 
 
 def write_consolidated(out: str, tables: dict[str, pa.Table]) -> dict[str, str]:
-    """Write the consolidated view as ``OUT/manifests/<kind>.parquet`` (each file replaced atomically)."""
+    """Write the consolidated view as ``OUT/manifests/<kind>.parquet`` (the history as
+    ``OUT/manifests/history/{tracks,stems}.parquet``; each file replaced atomically)."""
     written = {}
     for kind, table in tables.items():
-        uri = join(manifests_root(out), f"{kind}.parquet")
+        uri = join(manifests_root(out), FILES.get(kind, f"{kind}.parquet"))
         atomic_write(uri, parquet_bytes(table))
         written[kind] = uri
     return written

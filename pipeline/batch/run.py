@@ -2,8 +2,9 @@
 
 :class:`RunSpec` is the whole description of a run's output (model, weights, settings, encoding,
 stems); its :meth:`RunSpec.settings_hash` decides whether a committed track can be skipped.
-:func:`process_track` separates one track into ``OUT/stems/<track_id>/`` and returns its manifest
-rows: a bad track becomes a failure row, it never raises.
+:func:`process_track` separates one track into a folder of its own,
+``OUT/stems/<track_id>/<settings_hash>/<attempt>/``, and returns its manifest rows: a bad track becomes a
+failure row, it never raises.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import hashlib
 import importlib
 import json
 import time
+import uuid
 from dataclasses import dataclass, field
 
 from demix.models.base import Separator
@@ -78,8 +80,15 @@ class RunSpec:
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def stem_uri(out: str, track_id: str, stem: str, extension: str) -> str:
-    return join(out, "stems", track_id, f"{stem}.{extension}")
+def new_attempt() -> str:
+    """A fresh name for one try of a track: ``<UTC time>-<random>``, sortable by when it started."""
+    return f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:10]}"
+
+
+def stem_uri(out: str, track_id: str, settings_hash: str, attempt: str, stem: str, extension: str) -> str:
+    """``OUT/stems/<track_id>/<settings_hash>/<attempt>/<stem>.<ext>``: written once, never overwritten
+    (a rerun with ``--force`` or other settings writes another folder; ``demix gc`` removes old ones)."""
+    return join(out, "stems", track_id, settings_hash, attempt, f"{stem}.{extension}")
 
 
 def _source_bytes(uri: str) -> int | None:
@@ -93,7 +102,8 @@ def _source_bytes(uri: str) -> int | None:
 def process_track(
     model: Separator, track: Track, spec: RunSpec, *, settings_hash: str, detector=None, stage=None
 ) -> tuple[TrackRow, list[StemRow], list[FailureRow]]:
-    """Separate ``track`` into ``spec.out/stems/<track_id>/``; return its manifest rows.
+    """Separate ``track`` into a new folder ``spec.out/stems/<track_id>/<settings_hash>/<attempt>/``;
+    return its manifest rows.
 
     With a ``detector`` (:meth:`RunSpec.load_presence`) the stem rows carry ``present``,
     ``presence_score`` and ``active_segments``. ``stage``: a shared model stage (see
@@ -104,7 +114,8 @@ def process_track(
     """
     started = time.perf_counter()
     plan = plan_stems(model.sources, stems=spec.stems, two_stems=spec.two_stems)
-    outputs = {s: stem_uri(spec.out, track.track_id, s, spec.encoding.extension) for s in plan.names}
+    attempt = new_attempt()
+    outputs = {s: stem_uri(spec.out, track.track_id, settings_hash, attempt, s, spec.encoding.extension) for s in plan.names}
     row = TrackRow(
         track_id=track.track_id, source_uri=track.uri, source_bytes=_source_bytes(track.uri), duration_s=None,
         sample_rate=None, channels=None, status="ok", model=spec.model,

@@ -226,7 +226,7 @@ def print_run_summary(summary: dict, out: str, brief: bool = False) -> None:
     if summary.get("presence"):
         judged = ", ".join(f"{stem} {c['present']}/{c['tracks']}" for stem, c in summary["presence"].items())
         print(f"  stems present (committed): {judged}")
-    print(f"  stem audio: {out.rstrip('/')}/stems/<track_id>/<stem>.<ext>")
+    print(f"  stem audio: {out.rstrip('/')}/stems/<track_id>/<settings_hash>/<attempt>/<stem>.<ext> (the stems manifest names each file)")
     for kind, uri in summary["manifests"].items():
         print(f"  {kind + ' manifest:':<18} {uri}")
     for f in summary["failures"]:
