@@ -44,7 +44,7 @@ demo: install
 	$(PY) -m demix.pipeline.data.synth demo-catalog $(DEMO_DIR)/catalog
 	@# exit status 1 means "some tracks failed": expected here, the catalog holds one corrupt file
 	$(VENV)/bin/demix run $(DEMO_DIR)/catalog/catalog.csv -o $(DEMO_DIR)/run --workers 2; rc=$$?; [ $$rc -le 1 ]
-	@echo; echo "stems:     $(DEMO_DIR)/run/stems/<track_id>/<stem>.wav"; \
+	@echo; echo "stems:     $(DEMO_DIR)/run/stems/<track_id>/<settings_hash>/<attempt>/<stem>.wav"; \
 	echo "manifests: $(DEMO_DIR)/run/manifests/{tracks,stems,failures}.parquet"; \
 	echo "rerun 'make demo-rerun' to see committed tracks skipped"
 

@@ -38,7 +38,8 @@ def _add_run(sub, common: argparse.ArgumentParser) -> None:
         help="separate a whole catalog with the Prefect flow on Ray (exactly once, resumable)",
         description=(
             "Run the separate-catalog flow: plan -> execute on a Ray actor pool -> commit per shard -> report. "
-            "Writes OUT/stems/<track_id>/<stem>.<ext> and OUT/manifests/{tracks,stems,failures}.parquet. "
+            "Writes OUT/stems/<track_id>/<settings_hash>/<attempt>/<stem>.<ext> (a new folder per try; never "
+            "overwritten; `demix gc` removes old ones) and OUT/manifests/{tracks,stems,failures}.parquet. "
             "A rerun skips tracks already committed with the same model and settings. Storage credentials and "
             "endpoints come from the standard AWS environment (AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, ~/.aws/...). "
             "Exit status 1 when any track failed."
