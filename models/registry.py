@@ -21,6 +21,7 @@ from demix.models.nmf import SupervisedNMF
 from demix.models.oracle import MixtureCopy
 from demix.models.presence import PresenceNet
 from demix.models.unet import PHASES, SpectrogramUNet
+from demix.models.waveunet import WaveUNet
 from demix.pipeline.stems import STEMS
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -208,6 +209,24 @@ UNET = register(
         description=(
             "Spectrogram U-Net (Jansson et al. 2017), 8 base channels, softmax masks; trained by demix on its "
             "own synthetic multitrack songs (demix synth), shipped in float16 (4.9 MB)"
+        ),
+    )
+)
+
+
+def _waveunet(*, depth: int = 10, growth: int = 24, net_rate: int = 22050) -> Separator:
+    return WaveUNet(STEMS, depth=depth, growth=growth, net_rate=net_rate)
+
+
+WAVEUNET = register(
+    ModelEntry(
+        name="waveunet",
+        factory=_waveunet,
+        sample_rate=44100,
+        sources=STEMS,
+        description=(
+            "Wave-U-Net (Stoller et al. 2018) on the waveform at 22.05 kHz, difference output for 'other'; "
+            "no shipped weights yet: train it with `demix train --model waveunet`, then pass --weights"
         ),
     )
 )

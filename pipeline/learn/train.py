@@ -358,7 +358,7 @@ def _train_step(run: _Run, mixture: Tensor, stems: Tensor) -> Tensor:
     run.step += 1
     run.loss_acc[0] += float(loss.detach())
     run.loss_acc[1] += 1
-    return loss
+    return loss.detach()
 
 
 def _record(run: _Run, validating: bool, elapsed: float, steps_per_s: float | None) -> None:
