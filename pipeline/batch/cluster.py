@@ -94,8 +94,8 @@ def plan_resources(
     With GPUs (and ``device`` auto or cuda): one model actor per GPU (``model_actors`` or ``workers``
     fewer), each with 1 CPU; host workers fill the other CPUs (``host_workers`` to choose). Without:
     ``model_actors`` CPU model actors when asked for (the CPUs the host workers leave, divided among
-    them), else ``workers`` host workers each holding the model (default 1, the cluster's CPUs divided
-    among them).
+    them), else ``workers`` host workers each holding the model (default: one per node-sized share of
+    CPUs, see :func:`_cpu_workers`; on one machine a single worker with all its CPUs).
     """
     import ray
 
@@ -112,8 +112,27 @@ def plan_resources(
         host = host_workers or max(1, cpus - model_actors)
         per_model = max(1.0, float((cpus - min(host, cpus - 1)) // model_actors))
         return _staged(model_actors, host, cpus, device="cpu", gpus_per_model=0.0, cpus_per_model=per_model)
-    n = workers or 1
-    return Resources(actors=n, gpus_per_actor=0.0, cpus_per_actor=max(1.0, float(cpus // n)), device="cpu")
+    return _cpu_workers(workers, cpus, _node_cpus())
+
+
+def _node_cpus() -> list[int]:
+    """CPUs of each live node of the cluster (an actor must fit on one node)."""
+    import ray
+
+    return [int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) >= 1]
+
+
+def _cpu_workers(workers: int | None, cpus: int, nodes: list[int]) -> Resources:
+    """Host workers each holding the model on a CPU cluster. Default: as many actors as the smallest
+    node's CPUs fit on every node (one actor of all its CPUs on a single machine; 2 × 8 CPUs on two
+    8-CPU nodes); ``workers``: that many, each with an equal share, never more CPUs than one node has."""
+    largest = max(nodes, default=cpus)
+    if workers is None:
+        per = max(1, min(nodes, default=cpus))
+        n = max(1, sum(c // per for c in nodes)) if nodes else 1
+        return Resources(actors=n, gpus_per_actor=0.0, cpus_per_actor=float(per), device="cpu")
+    per = max(1, min(cpus // workers, largest))
+    return Resources(actors=workers, gpus_per_actor=0.0, cpus_per_actor=float(per), device="cpu")
 
 
 def _staged(

@@ -239,12 +239,16 @@ def _run_pool(
     unit (a retried batch delivered twice is dropped), ``on_shard_done(shard_id)`` once a shard's
     ``sizes[shard_id]`` units are all back, until ``should_stop()``. Returns the number of units processed."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     if not items:
         return 0
     if max_attempts < 1:
         raise ValueError(f"max_attempts must be >= 1. Found: {max_attempts}")
-    attempts = ray.remote(num_cpus=0)(AttemptCounter).remote()
+    # on the driver's node (the head's, through Ray Client): placed anywhere, the loss of whichever
+    # node held it failed every worker's next call, and so the run (tests/test_services_stack.py)
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    attempts = ray.remote(num_cpus=0, scheduling_strategy=here)(AttemptCounter).remote()
     seen: dict[str, set[str]] = {shard_id: set() for shard_id in sizes}
     done = 0
     feed = Feed(_stream(items, actor_cls, {**kwargs, "attempts": attempts, "max_attempts": max_attempts}, resources))
