@@ -5,7 +5,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.demix-installed
-APT_PACKAGES := ffmpeg fluidsynth fluid-soundfont-gm libsndfile1 espeak-ng
+# the synth profiles train and heldout also need the other GM soundfonts and the flite and festival voices
+APT_PACKAGES := ffmpeg fluidsynth fluid-soundfont-gm libsndfile1 espeak-ng \
+	musescore-general-soundfont fluidr3mono-gm-soundfont opl3-soundfont timgm6mb-soundfont csound-soundfont \
+	flite festival festvox-kdlpc16k festvox-us-slt-hts
 DEMO_DIR ?= demo_out
 PYTEST_ARGS ?=
 

@@ -12,6 +12,7 @@ from demix.models.base import ModelLoadError
 from demix.models.registry import load_model
 from demix.pipeline.cli.common import add_no_progress, fail, parse_option, progress
 from demix.pipeline.data import SynthConfig, SynthError, synth_dataset
+from demix.pipeline.data.synth import PROFILES
 from demix.pipeline.learn.checkpoints import export_checkpoint
 from demix.pipeline.learn.nmf_fit import fit_nmf
 from demix.pipeline.learn.presence import labelled_examples, save_classifier, train_classifier
@@ -23,15 +24,22 @@ def add_parsers(sub) -> None:
     _add_train(sub)
 
 
+SYNTH_DESCRIPTION = """Render Slakh-style songs with FluidSynth and a General MIDI soundfont (drums, bass, other,
+sung or spoken vocals) into OUT/<track>/{mixture,vocals,drums,bass,other}.wav plus OUT/truth.json.
+Deterministic per seed; the mixture is exactly the sum of the stems; a share of tracks leaves stems out.
+
+--profile:
+  classic  the generator as it always was: one soundfont, sung espeak-ng vocals, no effects
+  train    for training: varied soundfonts, voices (espeak-ng, flite), vocal styles, effects, arrangements
+  heldout  for judging: train's variety on a soundfont (TimGM6mb) and voices (festival) train never uses
+Profiles other than classic record each song's choices in OUT/<track>/song.json and OUT/songs.json."""
+
+
 def _add_synth(sub) -> None:
     syn = sub.add_parser(
         "synth",
         help="render a synthetic multitrack dataset (MUSDB layout) with FluidSynth",
-        description=(
-            "Render Slakh-style songs with FluidSynth and a General MIDI soundfont (drums, bass, other, "
-            "espeak-ng sung vocals) into OUT/<track>/{mixture,vocals,drums,bass,other}.wav plus OUT/truth.json. "
-            "Deterministic per seed; the mixture is exactly the sum of the stems; a share of tracks leaves stems out."
-        ),
+        description=SYNTH_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     syn.add_argument("out", metavar="OUT")
     syn.add_argument("--tracks", type=int, default=10, help="number of songs (default: 10)")
@@ -40,6 +48,9 @@ def _add_synth(sub) -> None:
     syn.add_argument("--sample-rate", type=int, default=44100, help="(default: 44100)")
     syn.add_argument("--absent-share", type=float, default=0.25, help="share of songs with stems left out (default: 0.25)")
     syn.add_argument("--soundfont", help="GM soundfont (default: Debian's FluidR3_GM.sf2 or $DEMIX_SOUNDFONT)")
+    syn.add_argument("--profile", choices=tuple(PROFILES), default="classic",
+                     help="what the songs vary, see above (default: classic)")
+    syn.add_argument("--jobs", type=int, default=1, help="songs rendered at once (default: 1)")
     add_no_progress(syn)
     syn.set_defaults(handler=cmd_synth)
 
@@ -48,10 +59,10 @@ def cmd_synth(args: argparse.Namespace) -> int:
     try:
         config = SynthConfig(
             tracks=args.tracks, seconds=args.seconds, seed=args.seed, sample_rate=args.sample_rate,
-            absent_share=args.absent_share, soundfont=args.soundfont,
+            absent_share=args.absent_share, soundfont=args.soundfont, profile=args.profile,
         )
         with tqdm(total=config.tracks, unit="song", disable=args.no_progress) as bar:
-            truth = synth_dataset(args.out, config, progress=bar.update)
+            truth = synth_dataset(args.out, config, progress=bar.update, jobs=args.jobs)
     except (ValueError, SynthError) as err:
         return fail(err)
     absent = sum(not all(t.values()) for t in truth.values())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from demix.pipeline.data.synth.config import SOUNDFONT_ENV, VOCAL_ENGINES, SynthConfig, SynthError, track_name
+from demix.pipeline.data.synth.config import PROFILES, SOUNDFONT_ENV, VOCAL_ENGINES, SynthConfig, SynthError, track_name
 from demix.pipeline.data.synth.dataset import synth_dataset
 from demix.pipeline.data.synth.toy import write_demo_catalog, write_demo_inputs
 from demix.pipeline.stems import STEMS
@@ -30,7 +30,14 @@ def main(argv: list[str] | None = None) -> int:
                       help="share of tracks with stems left out on purpose (default: %(default)s)")
     data.add_argument("--soundfont", default=None, help=f"General MIDI .sf2 (default: ${SOUNDFONT_ENV} or FluidR3_GM.sf2)")
     data.add_argument("--vocals", choices=VOCAL_ENGINES, default=SynthConfig.vocals,
-                      help="espeak: sung syllables; gm: General MIDI voices; auto: espeak when installed")
+                      help="espeak: sung syllables; gm: General MIDI voices; auto: espeak when installed "
+                           "(classic profile; the others draw each song's voice engine)")
+    data.add_argument("--profile", choices=tuple(PROFILES), default=SynthConfig.profile,
+                      help="classic: one soundfont, sung espeak-ng vocals, no effects (as always); train: several "
+                           "soundfonts, espeak-ng and flite voices sung and spoken, per-stem effects, wider ranges, "
+                           "sparse and dense arrangements, moving loudness; heldout: the same variety on a soundfont "
+                           "(TimGM6mb) and a voice engine (festival) that train never uses (default: %(default)s)")
+    data.add_argument("--jobs", type=int, default=1, help="songs rendered at once (default: %(default)s)")
     args = parser.parse_args(argv)
     if args.what == "demo":
         for p in write_demo_inputs(args.out, args.seed):
@@ -46,9 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = SynthConfig(
             tracks=args.tracks, seconds=args.seconds, seed=args.seed, sample_rate=args.sample_rate,
-            absent_share=args.absent_share, soundfont=args.soundfont, vocals=args.vocals,
+            absent_share=args.absent_share, soundfont=args.soundfont, vocals=args.vocals, profile=args.profile,
         )
-        truth = synth_dataset(args.out, config)
+        truth = synth_dataset(args.out, config, jobs=args.jobs)
     except (SynthError, ValueError) as err:
         print(f"demix.pipeline.data.synth: {err}", file=sys.stderr)
         return 1

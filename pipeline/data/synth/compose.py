@@ -112,8 +112,8 @@ def _bass(plan: SongPlan, rng: np.random.Generator) -> list[Note]:
             figure = "whole" if rng.random() < 0.5 else "half"
         chord = plan.chords[bar]
         nxt = plan.chords[bar + 1] if bar + 1 < len(plan.chords) else chord
-        root = 28 + (plan.key + chord.root - 28) % 12  # E1..D#2
-        next_root = 28 + (plan.key + nxt.root - 28) % 12
+        root = 28 + (plan.key + chord.root - 28) % 12 + plan.bass_shift  # E1..D#2 (classic)
+        next_root = 28 + (plan.key + nxt.root - 28) % 12 + plan.bass_shift
         for step, length, what in BASS_FIGURES[figure]:
             if what == "R":
                 pitch = root
@@ -187,7 +187,7 @@ def _accompaniment(plan: SongPlan, inst: Instrument, rng: np.random.Generator, m
     notes: list[Note] = []
     comp = _COMP_RHYTHMS[int(rng.integers(len(_COMP_RHYTHMS)))]
     strum = _STRUM_RHYTHMS[int(rng.integers(len(_STRUM_RHYTHMS)))]
-    center = float(rng.uniform(58, 66))
+    center = float(rng.uniform(58, 66)) + plan.other_shift
     arp_rate = 1 if plan.bpm < 112 and rng.random() < 0.5 else 2
     arp_order = str(rng.choice(["up", "updown", "random"]))
     power = inst.program in (29, 30) and rng.random() < 0.7
@@ -273,7 +273,8 @@ def _melody(plan: SongPlan, rng: np.random.Generator) -> list[Sung]:
         if "vocals" not in section.active:
             continue
         if section.name not in tunes:
-            tunes[section.name] = _tune(plan, rng, section, plan.voice.low, plan.voice.high, density[section.name])
+            tunes[section.name] = _tune(plan, rng, section, plan.voice.low, plan.voice.high,
+                                        density[section.name] * plan.melody_density)
         for bar, step, length, pitch, word in tunes[section.name]:
             if bar >= section.bars:
                 continue

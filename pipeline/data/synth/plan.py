@@ -1,76 +1,29 @@
 """The plan of one song: every random choice (tempo, key, form, chords, instruments, presence, mix) made from
-``np.random.default_rng([seed, index])`` before any audio is rendered."""
+``np.random.default_rng([seed, index])`` before any audio is rendered, out of the vocabulary in :mod:`.styles`.
+Choices that only the varied profiles make come from streams of their own: arrangement, voice engine and
+soundfonts from ``[seed, index, 20]``, effects from ``[..., 21]``, automation from ``[..., 22]``; so switching
+effects or automation on or off leaves the notes and every other choice as they were, and presence is the same in
+every profile."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import numpy as np
 
-from demix.pipeline.data.synth.config import SynthConfig, track_name
+from demix.pipeline.data.synth.config import ESPEAK_FEMALE, ESPEAK_MALE, VOICES, SynthConfig, track_name
+from demix.pipeline.data.synth.effects import plan_automation, plan_effects
+from demix.pipeline.data.synth.styles import (
+    ACTIVITY, ARRANGEMENT_SHARE, ARRANGEMENTS, BASE_MODE, BASS_FIGURES, FAMILIES, FAMILY_SHARE, FORM, GROOVES, KITS,
+    LEADS, PROGRESSIONS, REPEAT_FORM, SCALES,
+)
 from demix.pipeline.stems import STEMS
 
 _GOLDEN = 0.6180339887498949
-
-SCALES = {"major": (0, 2, 4, 5, 7, 9, 11), "minor": (0, 2, 3, 5, 7, 8, 10)}
-# chord progressions as scale degrees (0 = tonic), one chord per bar
-_PROGRESSIONS = {
-    "major": ((0, 4, 5, 3), (0, 5, 3, 4), (5, 3, 0, 4), (0, 3, 4, 3), (1, 4, 0, 0), (0, 3, 0, 4), (3, 4, 0, 5), (0, 2, 3, 4)),
-    "minor": ((0, 5, 2, 6), (0, 3, 4, 0), (0, 6, 5, 6), (0, 5, 3, 4), (0, 3, 6, 2), (5, 6, 0, 0), (0, 4, 5, 6)),
-}
-# song form; a clip starts at the intro, the first verse or the first chorus and runs on from there
-_FORM = (("intro", (2, 4)), ("verse", (8,)), ("chorus", (8,)), ("verse", (8,)), ("chorus", (8,)), ("bridge", (4, 8)),
-         ("chorus", (8,)), ("chorus", (8,)))
-_REPEAT_FORM = (("verse", (8,)), ("chorus", (8,)), ("bridge", (4, 8)), ("chorus", (8,)))
-# chance that a stem plays in a section (a stem left out of the track never plays)
-_ACTIVITY = {
-    "intro": {"vocals": 0.0, "drums": 0.5, "bass": 0.5, "other": 1.0},
-    "verse": {"vocals": 1.0, "drums": 0.85, "bass": 0.9, "other": 0.9},
-    "chorus": {"vocals": 1.0, "drums": 1.0, "bass": 1.0, "other": 1.0},
-    "bridge": {"vocals": 0.5, "drums": 0.5, "bass": 0.7, "other": 1.0},
-    "outro": {"vocals": 0.3, "drums": 0.6, "bass": 0.7, "other": 1.0},
-}
-
-# GM drum notes: 36 kick, 37 side stick, 38 snare, 39 clap, 42/46 closed/open hat, 49 crash, 51 ride
-GROOVES = {
-    "rock": {36: (0, 8), 38: (4, 12), 42: (0, 2, 4, 6, 8, 10, 12, 14)},
-    "pop": {36: (0, 6, 8), 38: (4, 12), 42: (0, 2, 4, 6, 8, 10, 12, 14)},
-    "dance": {36: (0, 4, 8, 12), 39: (4, 12), 42: (0, 4, 8, 12), 46: (2, 6, 10, 14)},
-    "half": {36: (0, 11), 38: (8,), 42: (0, 2, 4, 6, 8, 10, 12, 14)},
-    "funk": {36: (0, 3, 10), 38: (4, 7, 9, 12, 15), 42: tuple(range(16))},
-    "hiphop": {36: (0, 7, 10), 38: (4, 12, 13), 42: (0, 2, 4, 6, 8, 10, 12, 14)},
-    "shuffle": {36: (0, 8, 10), 38: (4, 12), 42: (0, 2, 4, 6, 8, 10, 12, 14)},
-}
-_KITS = {"rock": (0, 8, 16), "pop": (0, 8), "dance": (24, 25), "half": (0, 8, 16), "funk": (0, 8, 32),
-         "hiphop": (25, 24), "shuffle": (32, 40, 0)}
-
-# bass figures per bar: (step, length in steps, what) with R root, O octave, 5 fifth, A approach to the next root
-BASS_FIGURES = {
-    "whole": ((0, 16, "R"),),
-    "half": ((0, 8, "R"), (8, 8, "5")),
-    "quarter": ((0, 4, "R"), (4, 4, "R"), (8, 4, "5"), (12, 4, "R")),
-    "eighth": tuple((s, 2, "O" if s in (6, 14) else "R") for s in range(0, 16, 2)),
-    "octave": tuple((s, 2, "R" if s % 4 == 0 else "O") for s in range(0, 16, 2)),
-    "sync": ((0, 3, "R"), (3, 3, "R"), (6, 2, "5"), (8, 3, "R"), (11, 3, "O"), (14, 2, "A")),
-    "funk": ((0, 2, "R"), (3, 1, "O"), (4, 2, "R"), (7, 1, "5"), (10, 2, "R"), (12, 1, "O"), (14, 2, "A")),
-}
-
-# accompaniment ("other"): GM programs (0-based) by family, with the parts each family plays
-_FAMILIES = {
-    "keys": ((0, 1, 2, 4, 5, 7, 11), ("comp", "arp", "pad", "comp")),
-    "guitar": ((24, 25, 26, 27, 28, 29, 30), ("strum", "strum", "arp", "comp")),
-    "strings": ((48, 49, 50, 44, 45, 46), ("pad",)),
-    "pad": ((88, 89, 90, 92, 94, 95), ("pad",)),
-    "brass": ((61, 62, 63, 56, 60), ("stab", "pad")),
-    "organ": ((16, 17, 18, 19), ("pad", "comp")),
-}
-_FAMILY_SHARE = (0.3, 0.3, 0.12, 0.1, 0.08, 0.1)  # keys and guitars most often, as in pop and rock
-_LEADS = (80, 81, 29, 30, 65, 66, 73, 56, 11, 22)  # square, saw, overdrive, distortion, saxes, flute, trumpet, vibes, harmonica
-_MALE_VOICES = ("en+m1", "en+m2", "en+m3", "en+m4", "en+m7", "en-us+m3")
-_FEMALE_VOICES = ("en+f1", "en+f2", "en+f3", "en+f4", "en+f5", "en-us+f2")
+VOCAL_STYLES = ("sung", "spoken", "rapped")  # rapped: each word spoken on its note's onset
 
 
 class Chord(NamedTuple):
@@ -126,6 +79,11 @@ class Voice:
     reverb_s: float  # RT60 of the vocal reverb
     reverb_db: float  # wet level
     echo: float  # delay feedback gain (0: no echo)
+    # with SynthConfig.voice_engines (None otherwise: SynthConfig.vocals decides, espeak-ng speaks ``espeak``)
+    engine: str | None = None  # espeak, flite, festival or gm
+    speaker: str | None = None  # the engine's voice (espeak: the same as ``espeak``)
+    female: bool | None = None
+    style: str = "sung"  # sung, spoken or rapped (VOCAL_STYLES)
 
 
 @dataclass(frozen=True)
@@ -151,6 +109,14 @@ class SongPlan:
     pans: Mapping[str, int]  # CC10 of drums and bass
     sends: Mapping[str, int]  # CC91 of drums, bass and GM voices
     reverb: tuple[float, float, float, float]  # fluidsynth room size, damping, width, level
+    # choices of profiles other than classic (the defaults are classic's)
+    arrangement: str = "normal"  # sparse, normal or dense (SynthConfig.varied)
+    melody_density: float = 1.0  # scales the chance of each sung phrase
+    bass_shift: int = 0  # semitones added to the bass line
+    other_shift: float = 0.0  # semitones added to the accompaniment's centre
+    soundfonts: Mapping[str, str] | None = None  # stem -> soundfont (SynthConfig.soundfonts); None: config.soundfont
+    effects: Mapping[str, tuple[Mapping[str, object], ...]] | None = None  # stem -> effect chain (SynthConfig.effects)
+    automation: Mapping[str, tuple[tuple[float, float], ...]] | None = None  # stem or "mix" -> (seconds, dB) points
 
     @property
     def bar_s(self) -> float:
@@ -182,10 +148,10 @@ def _chord(mode: str, degree: int, seventh: bool) -> Chord:
 
 
 def _sections(rng: np.random.Generator, bars_needed: int) -> list[tuple[str, int]]:
-    form = [(name, int(rng.choice(lengths))) for name, lengths in _FORM]
+    form = [(name, int(rng.choice(lengths))) for name, lengths in FORM]
     form = form[int(rng.choice([0, 1, 2], p=[0.6, 0.25, 0.15])):]
     while sum(b for _, b in form) < bars_needed:
-        form += [(name, int(rng.choice(lengths))) for name, lengths in _REPEAT_FORM]
+        form += [(name, int(rng.choice(lengths))) for name, lengths in REPEAT_FORM]
     out, total = [], 0
     for name, b in form:
         if total >= bars_needed:
@@ -200,7 +166,7 @@ def _sections(rng: np.random.Generator, bars_needed: int) -> list[tuple[str, int
 def _progressions(rng: np.random.Generator, mode: str) -> tuple[bool, dict[str, tuple[int, ...]]]:
     """Whether chords take sevenths, and the progression of each section name."""
     sevenths = rng.random() < 0.25
-    progs = {name: _PROGRESSIONS[mode][int(rng.integers(len(_PROGRESSIONS[mode])))] for name in ("verse", "chorus", "bridge")}
+    progs = {name: PROGRESSIONS[mode][int(rng.integers(len(PROGRESSIONS[mode])))] for name in ("verse", "chorus", "bridge")}
     if rng.random() < 0.4:
         progs["chorus"] = progs["verse"]
     progs["intro"] = progs["verse"] if rng.random() < 0.5 else progs["chorus"]
@@ -208,11 +174,17 @@ def _progressions(rng: np.random.Generator, mode: str) -> tuple[bool, dict[str, 
     return sevenths, progs
 
 
-def _active_stems(rng: np.random.Generator, form: list[tuple[str, int]], presence: dict[str, bool]) -> list[set[str]]:
-    """Which stems play in which section: sections with stems dropping out give realistic active segments."""
+def _active_stems(rng: np.random.Generator, form: list[tuple[str, int]], presence: dict[str, bool],
+                  scale: float = 1.0) -> list[set[str]]:
+    """Which stems play in which section: sections with stems dropping out give realistic active segments.
+    ``scale`` multiplies the chance of the non-vocal stems (sparse arrangements)."""
     active = []
     for name, _ in form:
-        active.append({s for s in STEMS if presence[s] and rng.random() < _ACTIVITY[name][s]})
+        if scale == 1.0:
+            active.append({s for s in STEMS if presence[s] and rng.random() < ACTIVITY[name][s]})
+        else:
+            chance = {s: ACTIVITY[name][s] * (1.0 if s == "vocals" else scale) for s in STEMS}
+            active.append({s for s in STEMS if presence[s] and rng.random() < chance[s]})
     present = [s for s in STEMS if presence[s]]
     for stems in active:
         if not stems:
@@ -227,13 +199,13 @@ def _active_stems(rng: np.random.Generator, form: list[tuple[str, int]], presenc
 
 def _accompaniment_instruments(rng: np.random.Generator) -> list[Instrument]:
     """Accompaniment: one instrument, often a second one on the other side."""
-    families = list(_FAMILIES)
-    first = str(rng.choice(families, p=_FAMILY_SHARE))
+    families = list(FAMILIES)
+    first = str(rng.choice(families, p=FAMILY_SHARE))
     side = 1 if rng.random() < 0.5 else -1
     other = [_instrument(rng, first, side, None)]
     if rng.random() < 0.6:
         if rng.random() < 0.4:
-            program = int(rng.choice(_LEADS))
+            program = int(rng.choice(LEADS))
             other.append(Instrument(program, "riff", 64 - side * int(rng.integers(10, 40)), None, int(rng.integers(30, 70))))
         else:
             second = [f for f in families if f != first][int(rng.integers(len(families) - 1))]
@@ -244,7 +216,7 @@ def _accompaniment_instruments(rng: np.random.Generator) -> list[Instrument]:
 
 def _voice(rng: np.random.Generator) -> Voice:
     female = rng.random() < 0.5
-    voices = _FEMALE_VOICES if female else _MALE_VOICES
+    voices = ESPEAK_FEMALE if female else ESPEAK_MALE
     low = int(rng.integers(55, 59)) if female else int(rng.integers(45, 50))
     return Voice(
         espeak=str(voices[int(rng.integers(len(voices)))]),
@@ -269,16 +241,25 @@ def plan_song(index: int, config: SynthConfig) -> SongPlan:
     if index < 0:
         raise ValueError(f"track index must be >= 0, got {index}")
     rng = np.random.default_rng([config.seed, index])
+    extra = np.random.default_rng([config.seed, index, 20])  # choices classic does not make
     presence = _presence(index, config)
-    bpm = round(float(rng.uniform(80, 150)), 1)
-    key = int(rng.integers(12))
-    mode = "minor" if rng.random() < 0.4 else "major"
+    if config.varied:
+        bpm = round(float(rng.uniform(60, 180)), 1)
+        key = int(rng.integers(12))
+        mode = str(rng.choice(list(SCALES), p=[0.45, 0.35, 0.1, 0.1]))
+        arrangement = str(extra.choice(list(ARRANGEMENTS), p=ARRANGEMENT_SHARE))
+    else:
+        bpm = round(float(rng.uniform(80, 150)), 1)
+        key = int(rng.integers(12))
+        mode = "minor" if rng.random() < 0.4 else "major"
+        arrangement = "normal"
+    activity_scale = ARRANGEMENTS[arrangement][0]
     drum_style = str(rng.choice(list(GROOVES)))
     swing = 0.67 if drum_style == "shuffle" else (float(rng.choice([0.0, 0.4])) if rng.random() < 0.15 else 0.0)
     bars_needed = math.ceil(config.seconds * bpm / 240.0)
     form = _sections(rng, bars_needed)
-    sevenths, progs = _progressions(rng, mode)
-    active = _active_stems(rng, form, presence)
+    sevenths, progs = _progressions(rng, BASE_MODE[mode])
+    active = _active_stems(rng, form, presence, activity_scale)
     sections, bar = [], 0
     chords: list[Chord] = []
     for (name, bars), stems in zip(form, active):
@@ -287,12 +268,13 @@ def plan_song(index: int, config: SynthConfig) -> SongPlan:
         chords += [_chord(mode, prog[j % len(prog)], sevenths) for j in range(bars)]
         bar += bars
 
-    kit = int(rng.choice(_KITS[drum_style]))
+    kit = int(rng.choice(KITS[drum_style]))
     bass_program = int(rng.integers(32, 40))
     bass_figure = str(rng.choice(list(BASS_FIGURES)[1:]))
     other = _accompaniment_instruments(rng)
     voice = _voice(rng)
     gains = {s: float(rng.uniform(-3.0, 3.0)) for s in STEMS}
+    other, voice, gains, varied = _profile_choices(extra, index, config, arrangement, presence, other, voice, gains)
     pans = {"drums": 64 + int(rng.integers(-6, 7)), "bass": 64 + int(rng.integers(-4, 5))}
     sends = {"drums": int(rng.integers(15, 50)), "bass": int(rng.integers(0, 25)), "vocals": int(rng.integers(40, 80))}
     reverb = (round(float(rng.uniform(0.2, 0.8)), 3), round(float(rng.uniform(0.1, 0.6)), 3),
@@ -301,12 +283,88 @@ def plan_song(index: int, config: SynthConfig) -> SongPlan:
         name=track_name(index), index=index, presence=presence, bpm=bpm, key=key, mode=mode, swing=swing,
         sections=tuple(sections), chords=tuple(chords), drum_style=drum_style, drum_kit=kit,
         bass_program=bass_program, bass_figure=bass_figure, other=tuple(other), voice=voice, gains_db=gains,
-        pans=pans, sends=sends, reverb=reverb,
+        pans=pans, sends=sends, reverb=reverb, **varied,
     )
 
 
+def _profile_choices(extra: np.random.Generator, index: int, config: SynthConfig, arrangement: str,
+                     presence: dict[str, bool], other: list[Instrument], voice: Voice, gains: dict[str, float],
+                     ) -> tuple[list[Instrument], Voice, dict[str, float], dict[str, object]]:
+    """What the profiles other than classic change of a drawn song: accompaniment, levels, voice, soundfonts,
+    effects, automation (``extra`` is the ``[seed, index, 20]`` stream). Returns ``other``, ``voice``, ``gains``
+    and the :class:`SongPlan` fields classic leaves at their defaults."""
+    varied: dict[str, object] = {}
+    if config.varied:
+        if arrangement == "sparse":
+            other = other[:1]
+        elif arrangement == "dense":
+            other += _extra_instruments(extra, other, 4 - len(other))
+        gains = {s: float(extra.uniform(-6.0, 6.0)) for s in STEMS}
+        varied = {"arrangement": arrangement, "melody_density": ARRANGEMENTS[arrangement][1],
+                  "bass_shift": int(extra.choice([0, 0, 0, 12])), "other_shift": round(float(extra.uniform(-8, 10)), 2)}
+    if config.voice_engines:
+        voice = _engine_voice(extra, voice, config)
+    elif config.varied:
+        voice = _wide_register(extra, voice, voice.espeak.split("+")[-1].startswith("f"))
+    if config.soundfonts:
+        varied["soundfonts"] = _soundfonts(extra, config)
+    if config.effects:
+        varied["effects"] = plan_effects(np.random.default_rng([config.seed, index, 21]), config.effect_strength,
+                                         presence)
+    if config.automation:
+        varied["automation"] = plan_automation(np.random.default_rng([config.seed, index, 22]), config.seconds, presence)
+    return other, voice, gains, varied
+
+
+def _extra_instruments(rng: np.random.Generator, have: list[Instrument], count: int) -> list[Instrument]:
+    """Up to ``count`` more accompaniment instruments of families not yet playing (dense arrangements)."""
+    used = {f for f, (programs, _) in FAMILIES.items() if any(i.program in programs for i in have)}
+    free = [f for f in FAMILIES if f not in used]
+    out = []
+    for _ in range(min(count, len(free), int(rng.integers(1, 3)))):
+        family = free.pop(int(rng.integers(len(free))))
+        only = frozenset({"chorus", "bridge"}) if rng.random() < 0.4 else None
+        out.append(_instrument(rng, family, 1 if rng.random() < 0.5 else -1, only))
+    return out
+
+
+def _wide_register(rng: np.random.Generator, voice: Voice, female: bool) -> Voice:
+    """A melody range from a wider spread of registers than classic's."""
+    low = int(rng.integers(52, 64)) if female else int(rng.integers(40, 52))
+    return replace(voice, low=low, high=low + int(rng.integers(12, 23)))
+
+
+def _engine_voice(rng: np.random.Generator, voice: Voice, config: SynthConfig) -> Voice:
+    """The song's voice engine, speaker, register and style (sung, spoken, rapped) from ``config.voice_engines``."""
+    engine = str(config.voice_engines[int(rng.integers(len(config.voice_engines)))])
+    speakers = VOICES[engine]
+    speaker = list(speakers)[int(rng.integers(len(speakers)))]
+    female = bool(speakers[speaker]) if engine != "gm" else bool(rng.random() < 0.5)
+    style = "sung"
+    if engine != "gm" and rng.random() < config.spoken_share:
+        style = "spoken" if rng.random() < 0.6 else "rapped"
+    voice = _wide_register(rng, voice, female) if config.varied else voice
+    if style != "sung":  # speech at a speaking rate and (espeak-ng) a speaking pitch; sung syllables are re-pitched
+        voice = replace(voice, speed=int(rng.integers(125, 185)), pitch=int(rng.integers(30, 71)))
+    return replace(voice, espeak=speaker if engine == "espeak" else voice.espeak, engine=engine, speaker=speaker,
+                   female=female, style=style)
+
+
+def _soundfonts(rng: np.random.Generator, config: SynthConfig) -> dict[str, str]:
+    """Each stem's soundfont: the song's, or now and then (``stem_soundfont_share``) another one."""
+    fonts = config.soundfonts
+    song = str(fonts[int(rng.integers(len(fonts)))])
+    out = {}
+    for stem in STEMS:
+        out[stem] = song
+        if len(fonts) > 1 and rng.random() < config.stem_soundfont_share:
+            others = [f for f in fonts if f != song]
+            out[stem] = str(others[int(rng.integers(len(others)))])
+    return {"song": song, **out}
+
+
 def _instrument(rng: np.random.Generator, family: str, side: int, only: frozenset[str] | None) -> Instrument:
-    programs, roles = _FAMILIES[family]
+    programs, roles = FAMILIES[family]
     program = int(rng.choice(programs))
     role = str(rng.choice(roles))
     if program in (45, 46):  # pizzicato strings, harp
