@@ -1,7 +1,5 @@
 """``python -m demix.pipeline.cli``: the ``demix`` command."""
 
-import sys
+from demix.pipeline.cli import entry
 
-from demix.pipeline.cli import main
-
-sys.exit(main())
+entry()
