@@ -20,7 +20,7 @@ import pytest
 import soundfile as sf
 
 from demix.pipeline.batch import manifest
-from demix.pipeline.batch.gc import GcError, RunLease, apply_gc, plan_gc
+from demix.pipeline.batch.gc import CLOCK_SLACK_S, GcError, RunLease, apply_gc, plan_gc
 from demix.pipeline.batch.manifest import ShardResult, StemRow, TrackRow
 from demix.pipeline.io import filesystem, join
 
@@ -186,7 +186,7 @@ def test_gc_beside_a_run_writing_into_the_same_output(where, tmp_path, request, 
     run_flow(catalog, out, shard_size=4)
     old_stems = {s["uri"] for s in manifest.read_manifests(out)["stems"].to_pylist()}
     planted = _plant(out, old=True)
-    time.sleep(1.5)  # S3 times have one-second resolution: the planted files are older than the run
+    time.sleep(2.0 + 2.0)  # older than the run by more than gc's clock slack (2 s) and S3's 1 s resolution
 
     done = threading.Event()
     result: dict = {}
@@ -280,6 +280,8 @@ def test_leases_protect_a_running_run_and_stale_ones_go(tmp_path):
         assert plan.live_runs == ["live-run"] and plan.removals == [] and plan.protected == 1
         assert Path(lease.alive_uri).exists()
     assert not Path(lease.started_uri).exists(), "the lease goes with the run"
+    assert plan_gc(out, grace_s=0).removals == [], "younger than the clock slack"
+    time.sleep(CLOCK_SLACK_S + 0.5)
     assert [r.uri for r in plan_gc(out, grace_s=0).removals] == [fresh]
 
     dead = RunLease(out, run_id="dead-run")

@@ -15,8 +15,10 @@ Never removed: anything a kept committed row references, and anything a run may 
 holds a :class:`RunLease` (``manifests/_runs/<run_id>.json`` written once when it starts, and
 ``<run_id>.alive`` rewritten every ``HEARTBEAT_S``); while a lease is live (heartbeat within
 ``LEASE_TTL_S``) unreferenced files modified after that run started are left alone, and so is every
-unreferenced file younger than ``grace_s`` (for writers without a lease). Times are the store's own
-modification times, so the collector's clock does not matter beyond ``grace_s``.
+unreferenced file younger than ``grace_s`` (for writers without a lease; a run that starts while gc
+plans writes only files younger than that), each rule with ``CLOCK_SLACK_S`` more. Lease times are the
+store's own modification times; the ``grace_s`` rule compares the store's times with the collector's
+clock.
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ log = logging.getLogger(__name__)
 HEARTBEAT_S = 60.0
 LEASE_TTL_S = 600.0
 DEFAULT_GRACE_S = 3600.0
+CLOCK_SLACK_S = 2.0
+"""Added to every age rule: object stores report modification times in whole seconds (a file written
+half a second after the collector read its clock can carry an earlier time) and clocks differ a little."""
 
 
 class GcError(RuntimeError):
@@ -185,7 +190,7 @@ def plan_gc(out: str, *, keep: int = 1, grace_s: float = DEFAULT_GRACE_S, now: f
         raise ValueError(f"keep must be >= 1 (the current attempt is always kept). Found: {keep}")
     now = time.time() if now is None else now
     starts, stale, live = _leases(out, now)
-    protect_from = min([now - grace_s, *(s - grace_s for s in starts)])
+    protect_from = min([now - grace_s, *(s - grace_s for s in starts)]) - CLOCK_SLACK_S
     tables = manifest.read_manifests(out)
     history = tables["history_tracks"].to_pylist()
     gone = _superseded(history, keep)
