@@ -8,11 +8,12 @@ import tempfile
 import time
 
 import pytest
+import s3fs
 
 from tests.conftest import commit_concurrently
 
 from demix.pipeline.batch import manifest
-from demix.pipeline.io.storage import S3_MAX_ATTEMPTS, S3FS_RETRIES, StorageError, local_copy, put_file
+from demix.pipeline.io.storage import S3_MAX_ATTEMPTS, S3FS_RETRIES, StorageError, filesystem, local_copy, put_file
 
 pytest_plugins = ["conftest_services"]
 
@@ -169,3 +170,16 @@ def test_forbidden_catalogs_are_storage_errors(s3):
     with pytest.raises(StorageError) as info:
         read_catalog(s3.uri("nothing/here.csv"))
     assert isinstance(info.value.__cause__, FileNotFoundError)
+
+
+def test_a_listing_taken_before_a_write_does_not_hide_the_written_object(s3):
+    """s3fs answers reads from a cached listing of the parent folder; demix turns that cache off, so an
+    object written after this process listed its folder (another thread, another process) reads at once."""
+    folder = s3.uri("out/manifests/_parts/shard-1/attempt-1")
+    fs, path = filesystem(f"{folder}/tracks.parquet")
+    fs.pipe_file(path, b"first")
+    assert len(fs.find(fs._parent(path))) == 1  # a listing of the folder, as gc or a reader takes one
+    elsewhere = s3fs.S3FileSystem(skip_instance_cache=True)  # another process's client
+    elsewhere.pipe_file(f"{s3.name}/out/manifests/_parts/shard-1/attempt-1/stems.parquet", b"second")
+    fs, path = filesystem(f"{folder}/stems.parquet")
+    assert fs.cat_file(path) == b"second" and fs.info(path)["size"] == 6

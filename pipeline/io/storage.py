@@ -8,6 +8,8 @@ Rules every writer in demix follows:
   gets the mode ``open()`` would give it (``0o666 & ~umask``), not the temp file's 0600.
 * Names derived from user input go through :func:`safe_component`, so no source name can write
   outside the output root.
+* Listings are never cached: :func:`filesystem` turns fsspec's listings cache off, since s3fs answers
+  reads from a cached listing of the parent folder, and commits, leases and gc need fresh listings.
 * Credentials never travel as arguments: s3fs reads the standard AWS environment and config files
   (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``, ``AWS_ENDPOINT_URL``,
   ``~/.aws/...``), so nothing secret reaches Prefect parameters, Ray task arguments or manifests.
@@ -119,6 +121,13 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
     if "s3" in protocols:
         fs.retries = S3FS_RETRIES  # an instance attribute of s3fs; not a constructor argument
+    cache = getattr(fs, "dircache", None)
+    if cache is not None and getattr(cache, "use_listings_cache", False):
+        # Never trust a cached listing: commits, leases and gc need fresh ones, and s3fs answers a read
+        # from a cached listing of the parent folder. A listing cached by one thread while another wrote
+        # into that folder made a just-written object look missing (FileNotFoundError on a committed part).
+        cache.use_listings_cache = False
+        cache.clear()
     return fs, path
 
 
