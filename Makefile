@@ -5,15 +5,19 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.demix-installed
-# the synth profiles train and heldout also need the other GM soundfonts and the flite and festival voices
+# the synth profiles train and heldout also need the other GM soundfonts and the flite and festival voices;
+# chromium: the report tests open the HTML reports in it (headless, driven by Playwright; never `playwright install`)
 APT_PACKAGES := ffmpeg fluidsynth fluid-soundfont-gm libsndfile1 espeak-ng \
 	musescore-general-soundfont fluidr3mono-gm-soundfont opl3-soundfont timgm6mb-soundfont csound-soundfont \
-	flite festival festvox-kdlpc16k festvox-us-slt-hts
+	flite festival festvox-kdlpc16k festvox-us-slt-hts \
+	chromium
 DEMO_DIR ?= demo_out
 PYTEST_ARGS ?=
 
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
+# tests/test_report_browser.py fails, instead of skipping, without chromium or playwright
+export DEMIX_BROWSER_TESTS := required
 
 .PHONY: demo demo-rerun test install system-deps bench clean help
 
@@ -49,7 +53,8 @@ demo: install
 	$(VENV)/bin/demix run $(DEMO_DIR)/catalog/catalog.csv -o $(DEMO_DIR)/run --workers 2; rc=$$?; [ $$rc -le 1 ]
 	@echo; echo "stems:     $(DEMO_DIR)/run/stems/<track_id>/<settings_hash>/<attempt>/<stem>.wav"; \
 	echo "manifests: $(DEMO_DIR)/run/manifests/{tracks,stems,failures}.parquet"; \
-	echo "rerun 'make demo-rerun' to see committed tracks skipped"
+	echo "rerun 'make demo-rerun' to see committed tracks skipped"; \
+	echo "report:    $(DEMO_DIR)/run/report/index.html   (open it in a browser; rebuild: demix report $(DEMO_DIR)/run)"
 
 demo-rerun: install
 	$(VENV)/bin/demix run $(DEMO_DIR)/catalog/catalog.csv -o $(DEMO_DIR)/run --workers 2; rc=$$?; [ $$rc -le 1 ]

@@ -1,18 +1,21 @@
-"""What both flows share: which errors a retry cannot fix, and the terminal side of a run (start-up
-status, the progress bar, the stop flag of Ctrl-C), so that each flow reads as a table of contents."""
+"""What both flows share: which errors a retry cannot fix, the terminal side of a run (start-up
+status, the progress bar, the stop flag of Ctrl-C) and the Prefect artifacts of its report, so that
+each flow reads as a table of contents."""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from prefect import get_run_logger
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from tqdm import tqdm
 
 from demix.models import ModelLoadError
 from demix.pipeline.batch import catalog as cat
 from demix.pipeline.batch import cluster
-from demix.pipeline.io import StorageError
+from demix.pipeline.io import StorageError, is_remote, local_path
 
 _PERMANENT = (cat.CatalogError, ModelLoadError, ValueError, TypeError, FileNotFoundError, PermissionError)
 
@@ -81,3 +84,17 @@ def stopped(console: Console, stats: dict, total: int) -> dict:
     if stats["interrupted"]:
         cluster.shutdown_ray(abandoned=True)
     return stats
+
+
+def report_link(uri: str) -> str:
+    """A link to a report: ``file://`` for a local path, the URI itself for an object store."""
+    return uri if is_remote(uri) else Path(local_path(uri)).resolve().as_uri()
+
+
+def publish_report(markdown: str, report: str, *, key: str, description: str) -> None:
+    """Publish a run's Markdown summary as a Prefect artifact that links to its HTML ``report``, and the
+    report itself as a link artifact (``<key>-html``)."""
+    link = report_link(report)
+    markdown = f"{markdown}\n\nHTML report (plots, failures, previews): [{report}]({link})\n"
+    create_markdown_artifact(markdown=markdown, key=key, description=description)
+    create_link_artifact(link=link, link_text=report, key=f"{key}-html", description=f"{description}: HTML report")

@@ -13,12 +13,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from prefect import flow, task
-from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from demix.flows.common import Console, LazyBar, retryable, start_pool, stopped
+from demix.flows.common import Console, LazyBar, publish_report, retryable, start_pool, stopped
 from demix.pipeline.batch import catalog as cat
-from demix.pipeline.batch import manifest, preflight, report as reports, workers
+from demix.pipeline.batch import html, manifest, preflight, report as reports, workers
 from demix.pipeline.batch.gc import RunLease
 from demix.pipeline.batch.run import RunSpec
 from demix.pipeline.io import output_root
@@ -84,13 +83,17 @@ def execute(
 
 
 @task(retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retryable, cache_policy=NO_CACHE)
-def report(out: str, the_plan: Plan, stats: dict) -> dict:
-    """Consolidate the committed manifests and publish a Markdown artifact."""
+def report(out: str, the_plan: Plan, stats: dict, stage_seconds: dict | None = None) -> dict:
+    """Consolidate the committed manifests, write the HTML report (``OUT/report/index.html``) and publish
+    a Markdown artifact that links to it."""
+    started = time.perf_counter()
     tables = manifest.read_manifests(out)
     paths = manifest.write_consolidated(out, tables)
     summary = reports.catalog_summary(tables, paths, the_plan.total, the_plan.skipped, stats)
-    markdown = reports.catalog_markdown(summary)
-    create_markdown_artifact(markdown=markdown, key="separate-catalog-report", description="demix run summary")
+    summary["stage_seconds"] = {**(stage_seconds or {}), "consolidate manifests": time.perf_counter() - started}
+    samples = 0 if summary["interrupted"] else html.SAMPLES  # stopping: no time for the gallery's audio
+    summary["report"] = html.write_run_report(out, summary, tables, samples=samples)
+    publish_report(reports.catalog_markdown(summary), summary["report"], key="separate-catalog-report", description="demix run summary")
     return summary
 
 
@@ -135,6 +138,9 @@ def separate_catalog(
     )
     with RunLease(spec.out):  # `demix gc` leaves alone what this run writes before it commits
         console.status("planning: reading the catalog and the committed manifests")
+        started = time.perf_counter()
         the_plan = plan(catalog, spec, shard_size, force)
+        planned = time.perf_counter()
         stats = execute(the_plan, spec, workers_count, device, ray_address, progress, console, model_actors, host_workers)
-        return report(spec.out, the_plan, stats)
+        seconds = {"plan": planned - started, "separate and commit": time.perf_counter() - planned}
+        return report(spec.out, the_plan, stats, seconds)

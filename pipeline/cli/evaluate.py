@@ -24,7 +24,9 @@ def add_parser(sub) -> None:
             "Separate every track of DATASET (a folder of <track>/{mixture,vocals,drums,bass,other}.wav; for "
             "MUSDB18-HQ its test/) and score each stem with BSS Eval v4 as museval does (1 s windows, median over "
             "windows, then median over tracks) plus SI-SDR. --model mixture and --model irm are the oracle floor "
-            "and ceiling. Writes OUT/scores.parquet, OUT/summary.md and OUT/summary.html. A reference below -90 dBFS "
+            "and ceiling. Writes OUT/scores.parquet, OUT/summary.md and OUT/summary.html (SDR box plots per stem, a "
+            "sortable per-track table, clips of the best and worst tracks under OUT/media/; a static page, no network). "
+            "A reference below -90 dBFS "
             "(mean square) is silent: silent reference stems are left out and counted, and windows in which a "
             "stem's reference is silent are not scored for it (a stem with no scored window counts as silent)."
         ),
@@ -36,6 +38,10 @@ def add_parser(sub) -> None:
         help="score stem presence instead: precision/recall/F1 per stem of each detector (energy, classifier) "
         "against DATASET/truth.json, and frame F1 of the active segments; writes OUT/presence.md and Parquet",
     )
+    ev.add_argument(
+        "--previews", type=int, default=2, metavar="K",
+        help="summary.html plays a clip of the K best and K worst tracks, estimate beside reference (default: 2; 0: none)",
+    )
     ev.add_argument("--presence-weights", metavar="PATH", help="with --presence: classifier weights overriding the shipped ones")
     ev.set_defaults(handler=cmd_evaluate)
 
@@ -44,6 +50,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.presence:
         return cmd_presence(args)
     try:
+        if args.previews < 0:
+            raise ValueError(f"--previews must be >= 0. Found: {args.previews}")
         if args.model in ("mixture", "irm") and not args.weights:
             estimator = args.model  # the oracles, computed from the references
         else:
@@ -61,7 +69,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                 bar.set_postfix_str(track[:40])
                 progress(bar)(done, total)
 
-            report = evaluate_dataset(args.dataset, estimator, out=args.out, progress=on_track, title=f"demix evaluate: {args.model}")
+            report = evaluate_dataset(
+                args.dataset, estimator, out=args.out, progress=on_track, title=f"demix evaluate: {args.model}",
+                model=args.model, previews=args.previews,
+            )
     except (ValueError, ModelLoadError, FileNotFoundError) as err:
         return fail(err)
     print(f"demix evaluate: {args.model} on {args.dataset} (median over tracks of median over 1 s windows, dB)")

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from demix.pipeline.cli._process import tune_process
-from demix.pipeline.cli import batch, evaluate, gc, models, separate, train
+from demix.pipeline.cli import batch, evaluate, gc, models, report, separate, train
 from demix.pipeline.cli.common import separation_parent
 
 EPILOG = """examples:
@@ -19,6 +19,7 @@ EPILOG = """examples:
   demix remix runs/catalog -o remixed/ --examples 500 --seed 0
   demix export --task lyrics runs/catalog -o exports/lyrics
   demix gc s3://bucket/stems --dry-run --keep 2
+  demix report s3://bucket/stems --samples 8
   demix evaluate --presence synth-heldout/ -o reports/presence
   demix models
 """
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     separate.add_parser(sub, common)
     batch.add_parsers(sub, common)
     gc.add_parser(sub)
+    report.add_parser(sub)
     train.add_parsers(sub)
     evaluate.add_parser(sub)
     models.add_parser(sub)

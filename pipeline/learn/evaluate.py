@@ -20,6 +20,7 @@ from demix.pipeline.engine import SeparationSettings, separate
 from demix.pipeline.io import conform
 from demix.pipeline.learn.bss_eval import bss_eval_frames, frame_slices, si_sdr
 from demix.pipeline.learn.oracles import oracle_estimates
+from demix.pipeline.learn.previews import PreviewPicker
 from demix.pipeline.learn.report import EvalReport, write_report
 from demix.pipeline.learn.scores import TrackScores, aggregate
 from demix.pipeline.stems import STEMS, is_silent
@@ -148,6 +149,8 @@ def evaluate_dataset(
     stems: Sequence[str] = STEMS,
     progress: Callable[[str, int, int], None] | None = None,
     title: str | None = None,
+    model: str | None = None,
+    previews: int = 2,
 ) -> EvalReport:
     """Score an estimator on every track of a MUSDB-layout folder and write the report.
 
@@ -158,8 +161,10 @@ def evaluate_dataset(
             ``stems`` given, the residual counting as one more source), or a callable
             ``(track_name, mixture (channels, time)) -> {stem: (channels, time)}`` at the dataset rate
             (see :func:`model_estimator`).
-        out: folder for ``scores.parquet``, ``summary.md`` and ``summary.html``.
+        out: folder for ``scores.parquet``, ``summary.md`` and ``summary.html`` (and ``media/``: the previews).
         progress: called as ``progress(track, done, total)`` after each track.
+        model: the estimator's name in the report (default: the oracle's, or the callable's ``__name__``).
+        previews: clips of this many best and worst tracks in ``summary.html`` (0: none).
 
     Returns:
         An :class:`EvalReport` with the written paths.
@@ -180,6 +185,8 @@ def evaluate_dataset(
             return estimator(name, mix)
 
         label = getattr(estimator, "__name__", type(estimator).__name__)
+    label = model or label
+    picker = PreviewPicker(previews)
     scores: list[TrackScores] = []
     silent: list[tuple[str, str]] = []
     for i, folder in enumerate(tracks):
@@ -188,8 +195,9 @@ def evaluate_dataset(
         got, quiet = score_track(folder.name, refs, estimates, sample_rate=rate)
         scores += got
         silent += [(folder.name, s) for s in quiet]
+        picker.offer(folder.name, got, mixture, refs, estimates, rate)
         if progress is not None:
             progress(folder.name, i + 1, len(tracks))
     title = title or f"demix evaluate: {label} on {Path(dataset).name}"
-    paths = write_report(scores, silent, out, title=title)
+    paths = write_report(scores, silent, out, title=title, model=label, previews=picker)
     return EvalReport(scores=scores, silent=silent, medians=aggregate(scores), paths=paths)

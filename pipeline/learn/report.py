@@ -1,8 +1,9 @@
-"""Evaluation reports: ``scores.parquet`` (one row per track x stem), ``summary.md`` and ``summary.html``."""
+"""Evaluation reports: ``scores.parquet`` (one row per track x stem), ``summary.md`` and ``summary.html`` (box
+plots, a sortable per-track table, previews of the best and worst tracks under ``media/``)."""
 
 from __future__ import annotations
 
-import html
+import io
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -12,9 +13,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from demix.pipeline.learn.scores import METRICS, TrackScores, aggregate
 from demix.pipeline import markdown
-from demix.pipeline.stems import SILENCE_DBFS
+from demix.pipeline.io import join
+from demix.pipeline.io.pages import Raw, esc, num, page, publish, table
+from demix.pipeline.io.plots import boxplot_svg
+from demix.pipeline.learn.previews import PreviewPicker, TrackClips, write_previews
+from demix.pipeline.learn.scores import METRICS, TrackScores, aggregate
+from demix.pipeline.stems import MIXTURE, SILENCE_DBFS
 
 
 @dataclass
@@ -71,87 +76,30 @@ def _summary_rows(medians: dict[str, dict[str, float]], silent_count: dict[str, 
 _HEADER = ["stem", "tracks scored", "silent", "SDR", "SIR", "SAR", "ISR", "SI-SDR"]
 
 
-def _box_stats(values: np.ndarray) -> dict[str, float | np.ndarray]:
-    q1, med, q3 = np.percentile(values, [25, 50, 75])
-    iqr = q3 - q1
-    inside = values[(values >= q1 - 1.5 * iqr) & (values <= q3 + 1.5 * iqr)]
-    return {
-        "q1": q1, "median": med, "q3": q3, "lo": inside.min(), "hi": inside.max(),
-        "outliers": values[(values < q1 - 1.5 * iqr) | (values > q3 + 1.5 * iqr)],
-    }
-
-
 def svg_boxplot(groups: Mapping[str, Sequence[float]], *, label: str = "SDR (dB)") -> str:
-    """An inline SVG box plot, one box per group: quartile box, median line, whiskers to the furthest
-    value within 1.5 IQR, outliers as dots. Non-finite values are left out; an empty group is labelled
-    ``n=0``."""
-    data = {k: np.array([v for v in vals if np.isfinite(v)], np.float64) for k, vals in groups.items()}
-    finite = np.concatenate([v for v in data.values() if v.size] or [np.zeros(0)])
-    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
-    if hi - lo < 1e-9:
-        lo, hi = lo - 1.0, hi + 1.0
-    raw = (hi - lo) / 6
-    step = min((m * 10**e for e in range(-3, 5) for m in (1, 2, 5) if m * 10**e >= raw), default=raw)
-    lo, hi = math.floor(lo / step) * step, math.ceil(hi / step) * step
-    left, top, plot_h, box_w, col_w = 60, 20, 260, 40, 100
-    width, height = left + col_w * max(1, len(data)) + 20, top + plot_h + 50
-
-    def y(v: float) -> float:
-        return top + plot_h * (hi - v) / (hi - lo)
-
-    parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">',
-        f'<text x="14" y="{top + plot_h / 2:.1f}" transform="rotate(-90 14 {top + plot_h / 2:.1f})" '
-        f'text-anchor="middle">{html.escape(label)}</text>',
-    ]
-    ticks = np.arange(lo, hi + step / 2, step)
-    for t in ticks:
-        parts.append(f'<line x1="{left}" x2="{width - 20}" y1="{y(t):.1f}" y2="{y(t):.1f}" stroke="#ddd"/>')
-        parts.append(f'<text x="{left - 6}" y="{y(t) + 4:.1f}" text-anchor="end">{t:g}</text>')
-    parts.append(f'<line x1="{left}" x2="{left}" y1="{top}" y2="{top + plot_h}" stroke="#333"/>')
-    for i, (name, v) in enumerate(data.items()):
-        cx = left + col_w * i + col_w / 2
-        parts.append(
-            f'<text x="{cx:.1f}" y="{top + plot_h + 18}" text-anchor="middle">{html.escape(name)}</text>'
-            f'<text x="{cx:.1f}" y="{top + plot_h + 34}" text-anchor="middle" fill="#666">n={v.size}</text>'
-        )
-        if not v.size:
-            continue
-        b = _box_stats(v)
-        x0 = cx - box_w / 2
-        parts.append(
-            f'<g class="box" data-stem="{html.escape(name)}">'
-            f'<line x1="{cx:.1f}" x2="{cx:.1f}" y1="{y(b["hi"]):.1f}" y2="{y(b["q3"]):.1f}" stroke="#333"/>'
-            f'<line x1="{cx:.1f}" x2="{cx:.1f}" y1="{y(b["q1"]):.1f}" y2="{y(b["lo"]):.1f}" stroke="#333"/>'
-            f'<line x1="{cx - box_w / 4:.1f}" x2="{cx + box_w / 4:.1f}" y1="{y(b["hi"]):.1f}" y2="{y(b["hi"]):.1f}" stroke="#333"/>'
-            f'<line x1="{cx - box_w / 4:.1f}" x2="{cx + box_w / 4:.1f}" y1="{y(b["lo"]):.1f}" y2="{y(b["lo"]):.1f}" stroke="#333"/>'
-            f'<rect x="{x0:.1f}" y="{y(b["q3"]):.1f}" width="{box_w}" height="{max(0.5, y(b["q1"]) - y(b["q3"])):.1f}" '
-            f'fill="#9ecae1" stroke="#333"/>'
-            f'<line x1="{x0:.1f}" x2="{x0 + box_w:.1f}" y1="{y(b["median"]):.1f}" y2="{y(b["median"]):.1f}" '
-            f'stroke="#d62728" stroke-width="2"/>'
-            + "".join(f'<circle cx="{cx:.1f}" cy="{y(o):.1f}" r="2.5" fill="none" stroke="#333"/>' for o in b["outliers"])
-            + f"<title>{html.escape(name)}: median {b['median']:.2f} dB, n={v.size}</title></g>"
-        )
-    parts.append("</svg>")
-    return "".join(parts)
+    """An inline SVG box plot, one box per group (matplotlib, see
+    :func:`demix.pipeline.io.plots.boxplot_svg`): quartile box, median, whiskers to the furthest value
+    within 1.5 IQR, outliers as dots. Non-finite values are left out; an empty group is labelled ``n=0``."""
+    return boxplot_svg({"": groups}, label=label)
 
 
 def write_report(
-    scores: Sequence[TrackScores], silent: Sequence[tuple[str, str]], out: str | Path, *, title: str
+    scores: Sequence[TrackScores], silent: Sequence[tuple[str, str]], out: str | Path, *, title: str,
+    model: str | None = None, previews: PreviewPicker | None = None,
 ) -> dict[str, str]:
     """Write ``OUT/scores.parquet``, ``OUT/summary.md`` and ``OUT/summary.html``; return their paths.
 
     The Parquet file has one row per track x stem, silent stems included (``silent=true``, null
     metrics), with the explicit schema of :func:`_schema`. The summaries hold one row per stem
-    (median over tracks of the per-track medians), a per-track SDR table and, in HTML, an inline SVG
-    box plot of the per-track SDR per stem.
+    (median over tracks of the per-track medians) and a per-track SDR table; the HTML page (static, no
+    network requests) adds a box plot of the per-track SDR per stem and ``model``, sorts the per-track
+    table by any column, and plays the clips of the best and worst tracks ``previews`` kept (estimate
+    and reference side by side; MP3 and spectrograms under ``OUT/media/``). ``out`` may be any URI.
     """
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = str(out)
     scores = list(scores)
     silent = list(silent)
-    paths = {"scores": str(out / "scores.parquet"), "markdown": str(out / "summary.md"), "html": str(out / "summary.html")}
+    paths = {"scores": join(out, "scores.parquet"), "markdown": join(out, "summary.md"), "html": join(out, "summary.html")}
     _write_scores(scores, silent, paths["scores"], title=title)
 
     medians = aggregate(scores)
@@ -168,10 +116,57 @@ def write_report(
         f"scored windows, then the median over tracks. SI-SDR over whole tracks. A stem is silent when its "
         f"reference is below {SILENCE_DBFS:g} dBFS; silent stems are left out of the medians. All values in dB."
     )
-    Path(paths["markdown"]).write_text(_markdown(title, note, summary, stems, per_track), encoding="utf-8")
-    plot = svg_boxplot({st: [s.sdr for s in scores if s.stem == st] for st in stems})
-    Path(paths["html"]).write_text(_html(title, note, summary, stems, per_track, plot), encoding="utf-8")
+    publish(paths["markdown"], _markdown(title, note, summary, stems, per_track))
+    plot = boxplot_svg({model or "": {st: [s.sdr for s in scores if s.stem == st] for st in stems}})
+    best, worst = previews.picked() if previews is not None else ([], [])
+    listen = {c.track: write_previews(out, c) for c in best + worst}
+    rows = [[t, num(_mean([sdr[(t, st)] for st in stems if (t, st) in sdr]))] + [
+        num(sdr[(t, st)]) if (t, st) in sdr else "silent" for st in stems] for t in tracks]
+    parts = [
+        f"<p>{esc(note)}</p>", "<h2>Median per stem</h2>", table(_HEADER, summary, ident="medians"),
+        "<h2>SDR per track and stem</h2>", Raw(plot),
+        "<h2>SDR per track</h2>", '<p class="note">click a column to sort</p>',
+        table(["track", "mean SDR", *stems], rows, cls="sortable", ident="per-track"),
+        _previews_html("Best tracks", best, listen), _previews_html("Worst tracks", worst, listen),
+    ]
+    publish(paths["html"], page(title, parts))
     return paths
+
+
+def _mean(values: list[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return float(np.mean(finite)) if finite else math.nan
+
+
+def _media(links: dict[str, str] | None) -> str:
+    if not links:
+        return "<div></div>"
+    return (
+        f'<div><img src="{links["png"]}" alt="spectrogram" width="320" height="96">'
+        f'<audio controls preload="metadata" src="{links["mp3"]}"></audio></div>'
+    )
+
+
+def _previews_html(heading: str, clips: list[TrackClips], listen: dict[str, dict]) -> str:
+    """One block per track: the mixture, then per stem its reference and estimate side by side."""
+    if not clips:
+        return ""
+    parts = [f"<h2>{esc(heading)}</h2>"]
+    for c in clips:
+        links = listen[c.track]
+        parts.append(
+            f'<div class="track" data-track="{esc(c.track)}"><b>{esc(c.track)}</b> <span class="note">mean SDR '
+            f"{c.mean_sdr:.2f} dB; {c.mixture.shape[-1] / c.rate:.1f} s from {c.start_s:.0f} s</span>"
+            f'<div class="pair"><span></span><b>reference</b><b>estimate</b>'
+            f"<span>mixture</span>{_media(links.get(MIXTURE))}<div></div>"
+        )
+        for stem, value in c.sdr.items():
+            parts.append(
+                f"<span>{esc(stem)}<br>SDR {value:.2f} dB</span>"
+                f"{_media(links.get(f'{stem}-reference'))}{_media(links.get(f'{stem}-estimate'))}"
+            )
+        parts.append("</div></div>")
+    return "".join(parts)
 
 
 def _write_scores(scores: list[TrackScores], silent: list[tuple[str, str]], path: str, *, title: str) -> None:
@@ -184,7 +179,9 @@ def _write_scores(scores: list[TrackScores], silent: list[tuple[str, str]], path
         {"track": t, "stem": st, "silent": True, "frames": 0, **{m: None for m in METRICS}} for t, st in silent
     ]
     schema = _schema().with_metadata({"title": title, "description": SCORES_SCHEMA_DOC})
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), buf)
+    publish(path, buf.getvalue())
 
 
 def _markdown(title: str, note: str, summary: list[list[str]], stems: list[str], per_track: list[list[str]]) -> str:
@@ -192,32 +189,3 @@ def _markdown(title: str, note: str, summary: list[list[str]], stems: list[str],
     if per_track:
         md += ["## SDR per track", "", markdown.table(["track"] + stems, per_track), ""]
     return "\n".join(md)
-
-
-def _html_table(header: list[str], body: list[list[str]]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    rows_html = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in body)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{rows_html}</tbody></table>"
-
-
-def _html(
-    title: str, note: str, summary: list[list[str]], stems: list[str], per_track: list[list[str]], plot: str
-) -> str:
-    page = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>{html.escape(title)}</title>",
-        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}"
-        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}td:first-child,th:first-child{text-align:left}</style>",
-        "</head><body>",
-        f"<h1>{html.escape(title)}</h1>",
-        f"<p>{html.escape(note)}</p>",
-        "<h2>Median per stem</h2>",
-        _html_table(_HEADER, summary),
-        "<h2>SDR per track and stem</h2>",
-        plot,
-    ]
-    if per_track:
-        page += ["<h2>SDR per track</h2>", _html_table(["track"] + stems, per_track)]
-    page.append("</body></html>")
-    return "\n".join(page)
