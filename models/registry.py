@@ -7,19 +7,22 @@ Like torchaudio's ``SourceSeparationBundle`` and demucs' ``<sig>-<sha8>.th`` fil
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import fsspec
 import torch
 
-from demix.models import weights as _weights
+from demix.models import checkpoint_formats as _formats, weights as _weights
 from demix.models.base import ModelLoadError, Separator
 from demix.models.hdemucs import MUSDB_SOURCES, HDemucsSeparator
 from demix.models.nmf import SupervisedNMF
 from demix.models.oracle import MixtureCopy
 from demix.models.presence import PresenceNet
+from demix.models.published import SPECS as _PUBLISHED_SPECS, Published
 from demix.models.unet import PHASES, SpectrogramUNet
 from demix.models.waveunet import WaveUNet
 from demix.pipeline.stems import STEMS
@@ -42,6 +45,14 @@ class ModelEntry:
         description: one line for ``demix models``.
         kind: ``"separator"`` (a :class:`demix.models.base.Separator`) or ``"presence"`` (a presence
             classifier, :class:`demix.models.presence.PresenceNet`); :func:`load_model` refuses the wrong kind.
+        weights_format: ``"state_dict"`` (safetensors or a ``torch.save`` state dict), ``"demucs"`` (a demucs
+            ``.th`` package) or ``"ckpt"`` (a RoFormer checkpoint); the last two are read by
+            :mod:`demix.models.checkpoint_formats` (allow-listed, nothing executed).
+        bag: for a bag of models, the members' file names under ``weights_uri`` (a folder or URI prefix);
+            ``--weights`` then names a folder holding those files.
+        bag_weights: per-member, per-source weights of a bag (as in demucs' bag YAML files).
+        config: the architecture config the network is built from (published models: the publisher's).
+        published: what the publisher states (SDR with its source, licence, size); ``None`` for demix's own.
     """
 
     name: str
@@ -52,6 +63,11 @@ class ModelEntry:
     sha256: str | None = None
     description: str = ""
     kind: str = "separator"
+    weights_format: str = "state_dict"
+    bag: tuple[str, ...] = ()
+    bag_weights: tuple[tuple[float, ...], ...] | None = None
+    config: dict = field(default_factory=dict)
+    published: Published | None = None
 
     def options(self) -> tuple[str, ...]:
         """Keyword options the factory accepts (what ``load_model(**options)`` may pass)."""
@@ -135,8 +151,7 @@ def load_model(
     uri = weights if weights is not None else (entry.weights_uri if pretrained else None)
     digest = how = None
     if uri is not None:
-        path, digest, how = resolve_weights(entry, weights, sha256=sha256, trust=trust)
-        _weights.load_strict(model.weights_module(), _weights.read_state_dict(path), where=uri)
+        digest, how = _load_parts(entry, model, resolve_parts(entry, weights, sha256=sha256, trust=trust))
     model.registry_name = name
     model.weights_uri = uri
     model.weights_sha256 = digest
@@ -154,7 +169,63 @@ def resolve_weights(
     Raises:
         ModelLoadError: unknown model, no weights to resolve, missing file, mismatch, or no checksum.
     """
+    parts = resolve_parts(entry, weights, sha256=sha256, trust=trust)
+    return (parts[0][0] if len(parts) == 1 else parts[0][0].parent), _combined(parts), parts[0][2]
+
+
+def resolve_parts(
+    entry: ModelEntry | str, weights: str | None, *, sha256: str | None = None, trust: bool = False
+) -> list[tuple[Path, str, str]]:
+    """Like :func:`resolve_weights`, one ``(path, sha256, verified_by)`` per file: one, or a bag's members
+    (each under ``weights`` or the entry's URI prefix, each verified by the sha8 in its published name)."""
     entry = get_entry(entry) if isinstance(entry, str) else entry
+    if entry.bag:
+        if sha256 is not None:
+            raise ModelLoadError(f"model {entry.name!r} is a bag of {len(entry.bag)} files: --weights-sha256 cannot name them; "
+                                 "their names carry their checksums")
+        root = (weights or entry.weights_uri or "").rstrip("/")
+        if weights is not None:
+            names = [_member_file(root, n) for n in entry.bag]
+            return [_weights.fetch_user_weights(f"{root}/{n}", trust=trust, model=repr(entry.name)) for n in names]
+        return [_weights.fetch_registry_weights(f"{root}/{n}", sha256=None) for n in entry.bag]
+    return [_resolve_one(entry, weights, sha256=sha256, trust=trust)]
+
+
+def _member_file(root: str, published: str) -> str:
+    """A bag member's file under the user's folder: the published name, else the one file named with the
+    member's signature, ``<sig>-<sha8>.th`` (demucs names members so); over http only the published name."""
+    if root.startswith(("http://", "https://")):
+        return published
+    sig = published.split("-", 1)[0]
+    fs, base = fsspec.core.url_to_fs(root)
+    found = sorted(fs.glob(f"{base}/{sig}-*.th"))
+    if len(found) > 1:
+        raise ModelLoadError(f"{root} holds {len(found)} files for bag member {sig}: keep one")
+    return found[0].rsplit("/", 1)[-1] if found else published
+
+
+def _combined(parts: list[tuple[Path, str, str]]) -> str:
+    """One file's sha256, or for a bag the sha256 of its members' digests joined by newlines."""
+    return parts[0][1] if len(parts) == 1 else hashlib.sha256("\n".join(p[1] for p in parts).encode()).hexdigest()
+
+
+def _load_parts(entry: ModelEntry, model: Separator, parts: list[tuple[Path, str, str]]) -> tuple[str, str]:
+    """Load each verified file into its network (a bag: one per member); return ``(sha256, verified_by)``."""
+    targets = list(model.members) if entry.bag else [model]
+    for (path, _, _), target in zip(parts, targets, strict=True):
+        _weights.load_strict(target.weights_module(), _read(entry, path, target), where=str(path))
+    return _combined(parts), parts[0][2]
+
+
+def _read(entry: ModelEntry, path: Path, target) -> dict:
+    if entry.weights_format == "demucs":
+        return _formats.read_demucs_package(path, klass="demucs.htdemucs.HTDemucs", kwargs=target.expected_kwargs)
+    if entry.weights_format == "ckpt":
+        return _formats.read_checkpoint(path)
+    return _weights.read_state_dict(path)
+
+
+def _resolve_one(entry: ModelEntry, weights: str | None, *, sha256: str | None, trust: bool) -> tuple[Path, str, str]:
     if weights is not None:
         return _weights.fetch_user_weights(
             weights, sha256=sha256, registry_sha256=entry.sha256, trust=trust, model=repr(entry.name)
@@ -195,6 +266,12 @@ HDEMUCS_MUSDB = register(
         weights_uri="https://download.pytorch.org/torchaudio/models/hdemucs_high_trained.pt",
         sha256="a004b2790d73ffeaa535db458a1a79b539dfdbafbccc31f275d07e632ebd7816",
         description="Hybrid Demucs (torchaudio hdemucs_high) with the published HDEMUCS_HIGH_MUSDB_PLUS weights",
+        published=Published(
+            8.34, "MUSDB18-HQ test, mean SDR of 4 stems, as the issue cites for Hybrid Demucs (v3); torchaudio's "
+            "HDEMUCS_HIGH_MUSDB_PLUS was trained with MUSDB's test set included, so it is no held-out figure for these weights",
+            "torchaudio's model pages state none beyond the code's BSD-2 (check before production use)",
+            83_639_368, 334.6, "https://pytorch.org/audio/stable/generated/torchaudio.pipelines.HDEMUCS_HIGH_MUSDB_PLUS.html",
+        ),
     )
 )
 
@@ -283,6 +360,9 @@ PRESENCE = register(
         kind="presence",
     )
 )
+
+for _spec in _PUBLISHED_SPECS:
+    register(ModelEntry(**_spec))
 
 DEFAULT_MODEL = "unet"
 

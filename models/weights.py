@@ -101,9 +101,7 @@ def _localise(uri: str, cache: Path | None = None) -> Path:
         if not path.is_file():
             raise ModelLoadError(f"weights file not found: {uri}")
         return path
-    name = uri.rstrip("/").rsplit("/", 1)[-1]
-    # one folder per URI: two files of one name at two addresses (v1/model.pt, v2/model.pt) never share a copy
-    path = (cache or cache_dir()) / "weights" / hashlib.sha256(uri.encode()).hexdigest()[:16] / name
+    path = cache_path(uri, cache)
     if not path.is_file():
         try:
             _download(uri, path)
@@ -116,6 +114,15 @@ def _localise(uri: str, cache: Path | None = None) -> Path:
                 f"or copy it to {path}"
             ) from err
     return path
+
+
+def cache_path(uri: str, cache: Path | None = None) -> Path:
+    """Where the remote file at ``uri`` is (or would be) kept in the cache; a local path is itself."""
+    if _is_local(uri):
+        return Path(uri.removeprefix("file://")).expanduser()
+    name = uri.rstrip("/").rsplit("/", 1)[-1]
+    # one folder per URI: two files of one name at two addresses (v1/model.pt, v2/model.pt) never share a copy
+    return (cache or cache_dir()) / "weights" / hashlib.sha256(uri.encode()).hexdigest()[:16] / name
 
 
 def fetch_user_weights(

@@ -243,3 +243,14 @@ def test_track_error_pickles():
 
     err = pickle.loads(pickle.dumps(TrackError("a.wav", "decode", ValueError("bad"))))
     assert err.stage == "decode" and err.source == "a.wav" and err.error_type == "ValueError"
+
+
+def test_default_overlap_is_the_models_own_and_hashes_as_before(scale_model):
+    """``overlap=None`` (the CLI default) uses the model's ``overlap`` when it has one, else 0.25; the
+    settings hash of a model without one is what it was when 0.25 was written out."""
+    plain = SeparationSettings()
+    assert plain.overlap_for(scale_model) == 0.25
+    assert plain.hash_fields(scale_model) == SeparationSettings(overlap=0.25).hash_fields(scale_model)
+    scale_model.overlap = 0.5
+    assert plain.overlap_for(scale_model) == 0.5 and SeparationSettings(overlap=0.3).overlap_for(scale_model) == 0.3
+    assert plain.hash_fields(scale_model) != SeparationSettings(overlap=0.25).hash_fields(scale_model)

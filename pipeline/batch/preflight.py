@@ -54,7 +54,7 @@ def pending_tracks(catalog: str, spec: RunSpec, force: bool = False) -> Pending:
     weights digest is part of the hash)."""
     model = spec.load(device="cpu")
     digest = getattr(model, "weights_sha256", None)
-    settings_hash = spec.settings_hash(digest, spec.load_presence(model).weights_sha256)
+    settings_hash = spec.settings_hash(digest, spec.load_presence(model).weights_sha256, model)
     tracks = read_catalog(catalog)
     done = manifest.committed_ok(spec.out, settings_hash)
     pending = list(tracks) if force else [t for t in tracks if t.track_id not in done]

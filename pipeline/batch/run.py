@@ -64,14 +64,15 @@ class RunSpec:
             device=device or self.settings.device, **dict(self.model_options),
         )
 
-    def settings_hash(self, model_sha256: str | None, presence_sha256: str | None = None) -> str:
+    def settings_hash(self, model_sha256: str | None, presence_sha256: str | None = None, model=None) -> str:
         """Hash of what changes the stems and their manifest rows: model, weights digest, options,
-        settings, encoding, stems, and the presence detector (with the classifier's digest)."""
+        settings (the overlap as used for ``model``), encoding, stems, and the presence detector (with
+        the classifier's digest)."""
         payload = {
             "model": self.model,
             "weights_sha256": model_sha256,
             "options": sorted((k, repr(v)) for k, v in self.model_options),
-            "settings": self.settings.hash_fields(),
+            "settings": self.settings.hash_fields(model),
             "encoding": self.encoding.hash_fields(),
             "stems": self.stems,
             "two_stems": self.two_stems,

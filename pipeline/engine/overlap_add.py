@@ -36,13 +36,17 @@ Stage = DirectRunner | ModelBatcher
 """Where chunks are computed: at once in the caller's thread, or by a shared model stage."""
 
 
+DEFAULT_OVERLAP = 0.25
+
+
 @dataclass(frozen=True)
 class SeparationSettings:
     """How a model is applied to long audio.
 
     Attributes:
         segment: chunk length in seconds; ``None`` uses the model's own ``segment``.
-        overlap: fraction of a chunk shared with the next one, in ``[0, 1)``.
+        overlap: fraction of a chunk shared with the next one, in ``[0, 1)``; ``None`` uses the model's
+            own ``overlap`` (the publisher's: 0.5 for the RoFormers) or ``DEFAULT_OVERLAP``.
         shifts: number of randomly shifted passes averaged (0 or 1 = a single pass).
         batch_size: chunks per forward call.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; where chunks are computed. The long buffers
@@ -53,7 +57,7 @@ class SeparationSettings:
     """
 
     segment: float | None = None
-    overlap: float = 0.25
+    overlap: float | None = None
     shifts: int = 0
     batch_size: int = 1
     device: str = "cpu"
@@ -64,7 +68,7 @@ class SeparationSettings:
     def __post_init__(self) -> None:
         if self.segment is not None and not self.segment > 0:
             raise ValueError(f"segment must be > 0 seconds. Found: {self.segment}")
-        if not 0 <= self.overlap < 1:
+        if self.overlap is not None and not 0 <= self.overlap < 1:
             raise ValueError(f"overlap must be in [0, 1). Found: {self.overlap}")
         if self.shifts < 0:
             raise ValueError(f"shifts must be >= 0. Found: {self.shifts}")
@@ -79,11 +83,19 @@ class SeparationSettings:
         """Chunk length in samples at the model's rate."""
         return max(1, round((self.segment or model.segment) * model.sample_rate))
 
-    def hash_fields(self) -> dict:
-        """Settings that change the output (device excluded), for cache keys and manifests."""
+    def overlap_for(self, model: Separator | None) -> float:
+        """The overlap used for ``model``: this setting, else the model's own, else ``DEFAULT_OVERLAP``."""
+        if self.overlap is not None:
+            return self.overlap
+        own = getattr(model, "overlap", None)
+        return float(own) if own is not None else DEFAULT_OVERLAP
+
+    def hash_fields(self, model: Separator | None = None) -> dict:
+        """Settings that change the output (device excluded), for cache keys and manifests; the overlap
+        as used for ``model`` (so the default hashes as before for models without their own)."""
         return {
             "segment": self.segment,
-            "overlap": self.overlap,
+            "overlap": self.overlap_for(model),
             "shifts": self.shifts,
             "dtype": self.dtype,
             "transition_power": self.transition_power,
@@ -94,7 +106,10 @@ class SeparationSettings:
 def add_separation_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """The command-line options of :class:`SeparationSettings` (read back by :func:`settings_kwargs`)."""
     parser.add_argument("--segment", type=float, metavar="SECONDS", help="chunk length (default: the model's)")
-    parser.add_argument("--overlap", type=float, default=0.25, help="chunk overlap fraction in [0, 1) (default: 0.25)")
+    parser.add_argument(
+        "--overlap", type=float, default=None,
+        help=f"chunk overlap fraction in [0, 1) (default: the model's own, else {DEFAULT_OVERLAP})",
+    )
     parser.add_argument("--shifts", type=int, default=0, help="random-shift passes to average (default: 0)")
     parser.add_argument("--batch-size", type=int, default=1, help="chunks per forward call (default: 1)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
@@ -130,7 +145,7 @@ class _OverlapAdd:
 
     def __init__(self, model: Separator, settings: SeparationSettings, stage: Stage, depth: int = 0) -> None:
         self.length = settings.segment_samples(model)
-        self.stride = max(1, int((1 - settings.overlap) * self.length))
+        self.stride = max(1, int((1 - settings.overlap_for(model)) * self.length))
         self.batch_size = settings.batch_size
         self.window = triangle_window(self.length, settings.transition_power).numpy()
         self.stage = stage
