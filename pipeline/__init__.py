@@ -3,7 +3,8 @@
 
     core      ``stems`` (stem names, the silence rule), ``errors`` (StagedError), ``markdown`` (tables)
     io/       storage (URIs, atomic and create-once outputs), decode, conform (channels, rate), encode;
-              ``read_slice``, the one way to read part of a file          imports: core
+              ``read_slice``, the one way to read part of a file; ``pages`` and ``plots`` (static
+              HTML and matplotlib figures for the run and evaluation reports)   imports: core
     models    (the top-level ``models/`` folder, ``demix.models``) networks, registry, weights
                                                                          imports: core, io
     engine/   overlap-add, the one-track job, frame features, presence detectors
