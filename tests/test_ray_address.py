@@ -87,3 +87,5 @@ def test_run_joins_a_cluster_on_loopback(loopback_head, tmp_path):
     assert "Failed to connect" not in done.stderr
     tracks = pq.read_table(out / "manifests" / "tracks.parquet").to_pylist()
     assert sorted(r["status"] for r in tracks) == ["ok", "ok"]
+    report = out / "report" / "index.html"
+    assert f"report:            {report}" in done.stdout and report.is_file(), "the summary names the HTML report"

@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import json
 import sys
+from pathlib import Path
 
 from tqdm import tqdm
 
@@ -230,6 +231,8 @@ def print_run_summary(summary: dict, out: str, brief: bool = False) -> None:
     print(f"  stem audio: {out.rstrip('/')}/stems/<track_id>/<settings_hash>/<attempt>/<stem>.<ext> (the stems manifest names each file)")
     for kind, uri in summary["manifests"].items():
         print(f"  {kind + ' manifest:':<18} {uri}")
+    if summary.get("report"):
+        print(f"  {'report:':<18} {summary['report']}")
     for f in summary["failures"]:
         print(f"  failed [{f['stage']}] {f['source_uri']}: {f['error_type']}: {f['message'][:160]}")
 
@@ -245,14 +248,22 @@ def _add_remix(sub) -> None:
             "sum of the stems. Writes a MUSDB-layout dataset OUT/<split>/<example>/{mixture,vocals,drums,bass,other}.wav "
             "(32-bit float WAV; `demix train OUT/train` reads it), OUT/<split>/truth.json and "
             "OUT/manifests/remixes.parquet with lineage. Deterministic per seed; exactly once and resumable "
-            "(rerun the same command); runs as a Prefect flow on Ray."
+            "(rerun the same command); runs as a Prefect flow on Ray. "
+            "With --labelled DATASET the examples are weakly supervised instead: the run's ORIGINAL audio over a "
+            "window where S is silent (per presence segments) plus the TRUE S of a DATASET song; each example holds "
+            "mixture.wav, <S>.wav (known), rest.wav (the known sum of the other stems) and weak.json; train on them "
+            "with `demix train LABELLED --weak-data OUT/train`."
         ),
     )
     rx.add_argument("run", metavar="RUN_URI", help="output root of a committed `demix run` (with presence)")
     rx.add_argument("-o", "--out", required=True, metavar="OUT_URI", help="dataset root: a local path or s3://bucket/prefix")
     rx.add_argument("--examples", type=int, required=True, help="number of examples")
     rx.add_argument("--seed", type=int, default=0, help="(default: 0)")
-    rx.add_argument("--seconds", type=float, help="example length (default: the recipient track's whole length)")
+    rx.add_argument("--seconds", type=float, help="example length (default: the recipient track's whole length; 6 with --labelled)")
+    rx.add_argument(
+        "--labelled", metavar="DATASET",
+        help="weak examples: donors are the true stems of this local MUSDB-layout folder (see above)",
+    )
     rx.add_argument("--gain-db", type=float, nargs=2, default=(-3.0, 3.0), metavar=("LOW", "HIGH"), help="random gain range per stem (default: -3 3)")
     rx.add_argument("--split", default="train", help="dataset folder name (default: train)")
     rx.add_argument("--workers", type=int, help="CPU actors (default: 1)")
@@ -270,6 +281,8 @@ def cmd_remix(args: argparse.Namespace) -> int:
         if args.shard_size < 1:
             raise ValueError(f"--shard-size must be >= 1. Found: {args.shard_size}")
         check_output_root(args.out)
+        if args.labelled is not None and not Path(args.labelled).expanduser().is_dir():
+            raise ValueError(f"--labelled: dataset folder not found: {args.labelled}")
     except (ValueError, StorageError) as err:
         return fail(err)
     status = Status(enabled=not args.quiet)
@@ -284,7 +297,7 @@ def cmd_remix(args: argparse.Namespace) -> int:
                     gain_db=tuple(args.gain_db), split=args.split, workers_count=args.workers,
                     ray_address=args.ray_address, shard_size=args.shard_size,
                     progress=not (args.no_progress or args.quiet), should_stop=interrupts.should_stop, status=status,
-                    verbose=_verbose(args),
+                    verbose=_verbose(args), labelled=args.labelled,
                 )
         except (RemixError, StorageError) as err:
             return fail(err)
@@ -295,11 +308,11 @@ def cmd_remix(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({**summary, "out": output_root(args.out)}, default=str))
     else:
-        print_remix_summary(summary, brief=args.quiet)
+        print_remix_summary(summary, brief=args.quiet, labelled=args.labelled)
     return EXIT_INTERRUPTED if summary.get("interrupted") else (1 if summary["failed_now"] else 0)
 
 
-def print_remix_summary(summary: dict, brief: bool = False) -> None:
+def print_remix_summary(summary: dict, brief: bool = False, labelled: str | None = None) -> None:
     stopped = " (interrupted: rerun the same command to resume)" if summary.get("interrupted") else ""
     print(
         f"demix remix: {summary['examples_planned']} examples planned, {summary['skipped_already_committed']} already done, "
@@ -308,7 +321,8 @@ def print_remix_summary(summary: dict, brief: bool = False) -> None:
     )
     if brief:
         return
-    print(f"  dataset: {summary['dataset']}  (demix train {summary['dataset']} ...)")
+    hint = f"demix train {labelled} --weak-data {summary['dataset']} ..." if labelled else f"demix train {summary['dataset']} ..."
+    print(f"  dataset: {summary['dataset']}  ({hint})")
     for kind, uri in summary["manifests"].items():
         print(f"  {kind + ':':<10} {uri}")
     for f in summary["failures"]:
