@@ -33,11 +33,15 @@ class RemixPlan:
 
 
 @task(retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retryable, cache_policy=NO_CACHE)
-def plan(run_uri: str, out: str, config: remix.RemixConfig, shard_size: int) -> RemixPlan:
-    """Read the run's committed manifests, plan every example, drop those already committed, shard."""
+def plan(run_uri: str, out: str, config: remix.RemixConfig, shard_size: int, labelled: str | None = None) -> RemixPlan:
+    """Read the run's committed manifests, plan every example (weak ones with ``labelled``), drop those
+    already committed, shard."""
     tables = manifest.read_manifests(run_uri)
     sources = remix.stem_sources(tables["stems"], tables["tracks"])
-    recipes = remix.plan_remixes(sources, config, run_uri=run_uri, out=out)
+    if labelled is not None:
+        recipes = remix.plan_weak(sources, tables["tracks"], labelled, config, run_uri=run_uri, out=out)
+    else:
+        recipes = remix.plan_remixes(sources, config, run_uri=run_uri, out=out)
     done = remix.committed_examples(out)
     pending = [r for r in recipes if r.example_id not in done]
     shards = remix.shard_recipes(pending, shard_size, run_id=uuid.uuid4().hex)
@@ -109,8 +113,11 @@ def build_remix_dataset(
     should_stop: Callable[[], bool] | None = None,
     status: Callable[[str | None], None] | None = None,
     verbose: bool = True,
+    labelled: str | None = None,
 ) -> dict:
-    """Build ``examples`` remixed examples from the committed separation run at ``run_uri`` into ``out``.
+    """Build ``examples`` remixed examples from the committed separation run at ``run_uri`` into ``out``;
+    with ``labelled`` (a MUSDB-layout folder of true stems) the weak kind of
+    :mod:`demix.pipeline.batch.remix.weak`.
 
     ``should_stop``, ``status`` and ``verbose`` as in :func:`demix.flows.separate_catalog.separate_catalog`."""
     console = Console(status, should_stop, verbose)
@@ -120,6 +127,6 @@ def build_remix_dataset(
         raise ValueError(f"shard_size must be >= 1. Found: {shard_size}")
     with RunLease(out):  # `demix gc OUT` leaves alone what this run writes before it commits
         console.status("planning: reading the run's manifests and the committed examples")
-        the_plan = plan(run_uri, out, config, shard_size)
+        the_plan = plan(run_uri, out, config, shard_size, labelled)
         stats = execute(the_plan, out, workers_count, ray_address, progress, console)
         return report(out, config.split, the_plan, stats)

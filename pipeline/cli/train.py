@@ -98,6 +98,12 @@ def _add_train(sub) -> None:
     tr.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     tr.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     tr.add_argument("--init-weights", metavar="PATH_OR_URI", help="start from these weights (fine-tuning) instead of from scratch")
+    tr.add_argument(
+        "--weak-data", metavar="WEAK_DIR",
+        help="also train on weak examples (`demix remix --labelled`, e.g. OUT/train): only their known stem and the sum "
+        "of the other stems enter the loss; validation stays on labelled data",
+    )
+    tr.add_argument("--weak-share", type=float, default=0.5, metavar="P", help="share of weak training examples (default: 0.5)")
     tr.add_argument("--export", metavar="DIR", help="after training, export the best weights to DIR")
     tr.add_argument("--half", action="store_true", help="export in float16 (half the size)")
     add_no_progress(tr)
@@ -115,6 +121,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             valid_dataset=args.valid, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
             excerpt_seconds=args.excerpt, valid_every=args.valid_every, checkpoint_every=args.checkpoint_every,
             seed=args.seed, device=args.device, num_threads=args.threads, init_weights=args.init_weights,
+            weak_dataset=args.weak_data, weak_share=args.weak_share,
         )
 
         def log(record: dict) -> None:

@@ -33,7 +33,9 @@ from tqdm import tqdm
 
 from demix.models import get_entry, load_model
 from demix.pipeline.data import AugmentConfig, MusdbDataset, TrainingSampler, fixed_excerpts
+from demix.pipeline.data.weak import MixedSampler, WeakDataset
 from demix.pipeline.learn.checkpoints import load_state, save_best, save_state, write_json
+from demix.pipeline.learn.masked import masked_loss
 from demix.pipeline.learn.validation import LOSSES, loss_fn, mean_sdr, validate
 
 RESUMABLE_FIELDS = frozenset({"steps", "device", "num_workers", "num_threads", "checkpoint_every", "valid_every", "log_every"})
@@ -68,6 +70,9 @@ class TrainConfig:
         augment: training augmentation.
         init_weights: weights file (path or URI) to start from (fine-tuning); ``None`` trains from scratch.
             Loaded without requiring a checksum (a ``-<sha8>`` in its name is still checked).
+        weak_dataset: folder of weak examples (``demix remix --labelled``); each training example is one
+            of them with probability ``weak_share`` (:class:`~demix.pipeline.data.weak.MixedSampler`) and the
+            loss is :func:`~demix.pipeline.learn.masked.masked_loss`. Validation stays on labelled data.
     """
 
     dataset: str
@@ -92,6 +97,8 @@ class TrainConfig:
     grad_clip: float | None = 5.0
     augment: AugmentConfig = AugmentConfig()
     init_weights: str | None = None
+    weak_dataset: str | None = None
+    weak_share: float = 0.5
 
     def __post_init__(self) -> None:
         checks = [
@@ -111,6 +118,7 @@ class TrainConfig:
             (self.valid_seconds is None or self.valid_seconds > 0, "valid_seconds > 0 or None", self.valid_seconds),
             (self.valid_dataset is not None or 0 < self.valid_share < 1, "0 < valid_share < 1", self.valid_share),
             (isinstance(self.model_options, dict), "model_options to be a dict", self.model_options),
+            (0.0 <= self.weak_share <= 1.0, "0 <= weak_share <= 1", self.weak_share),
         ]
         for ok, expected, found in checks:
             if not ok:
@@ -147,15 +155,16 @@ class TrainConfig:
         return cls(**data)
 
 
-
 # ------------------------------------------------------------------------------------------ config
 
 
 def _normalised(config: TrainConfig) -> dict:
     """``config.to_dict()`` with dataset paths made absolute (what is stored and compared)."""
     data = config.to_dict()
-    for key in ("dataset", "valid_dataset"):
-        if data[key] is not None:
+    if data["weak_dataset"] is None:  # runs without weak data compare as they did before the option existed
+        del data["weak_dataset"], data["weak_share"]
+    for key in ("dataset", "valid_dataset", "weak_dataset"):
+        if data.get(key) is not None:
             data[key] = str(Path(data[key]).expanduser().resolve())
     return json.loads(json.dumps(data))  # tuples -> lists, as read back from disk
 
@@ -191,11 +200,8 @@ class _Examples(torch.utils.data.Dataset):
     def __init__(self, sampler: TrainingSampler) -> None:
         self.sampler = sampler
 
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+    def __getitem__(self, index: int) -> tuple[Tensor, ...]:
         return self.sampler.example(index)
-
-
-
 
 
 # ------------------------------------------------------------------------------------------- train
@@ -211,7 +217,7 @@ class _Run:
     model: torch.nn.Module
     params: list[torch.nn.Parameter]
     optimizer: torch.optim.Optimizer
-    sampler: TrainingSampler
+    sampler: TrainingSampler | MixedSampler
     excerpts: list[tuple[str, Tensor, Tensor]]
     meta: dict
     cuda_devices: list[int]
@@ -301,6 +307,8 @@ def _build(config: TrainConfig, out: Path, device: torch.device, log: Callable[[
         dataset, target_rate=model.sample_rate, augment=config.augment, seed=config.seed, sources=model.sources,
         indices=train_idx,
     )
+    if config.weak_dataset is not None:
+        sampler = MixedSampler(sampler, WeakDataset(config.weak_dataset), share=config.weak_share, seed=config.seed)
     excerpts = fixed_excerpts(
         valid_set, valid_idx, seconds=config.valid_seconds or config.excerpt_seconds, target_rate=model.sample_rate,
         sources=model.sources,
@@ -325,8 +333,8 @@ def _loop(run: _Run, progress: bool) -> None:
     bar = _progress_bar(progress, run.step, config.steps)
     started, first_step = time.perf_counter(), run.step
     try:
-        for mixture, stems in loader:
-            loss = _train_step(run, mixture, stems)
+        for batch in loader:
+            loss = _train_step(run, batch)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{float(loss):.4f}")
@@ -343,12 +351,13 @@ def _loop(run: _Run, progress: bool) -> None:
             bar.close()
 
 
-def _train_step(run: _Run, mixture: Tensor, stems: Tensor) -> Tensor:
-    """One optimizer step on a batch; returns its loss."""
-    mixture = mixture.to(run.device, non_blocking=True)
-    stems = stems.to(run.device, non_blocking=True)
+def _train_step(run: _Run, batch: list[Tensor]) -> Tensor:
+    """One optimizer step on a batch ``(mixture, stems)``, or with weak data ``(mixture, stems, known,
+    rest_mask, rest)`` (:func:`masked_loss`); returns its loss."""
+    mixture, stems, *masks = (t.to(run.device, non_blocking=True) for t in batch)
     run.optimizer.zero_grad(set_to_none=True)
-    loss = loss_fn(run.config.loss, run.model(mixture), stems)
+    estimate = run.model(mixture)
+    loss = masked_loss(run.config.loss, estimate, stems, *masks) if masks else loss_fn(run.config.loss, estimate, stems)
     if not torch.isfinite(loss):
         raise ValueError(f"training diverged at step {run.step + 1}: loss is {float(loss)}; lower lr")
     loss.backward()

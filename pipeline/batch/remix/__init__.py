@@ -29,18 +29,26 @@ Lineage lands in ``OUT/manifests/remixes.parquet`` (:data:`REMIXES_SCHEMA`): per
 recipient, the target stem, the donor, the seed, and per stem its source track, source URI, offset,
 loop length, gain and role.
 
-The code is in two modules, re-exported here: :mod:`demix.pipeline.batch.remix.plan` (schema, config,
-recipes, ids, the committed view) and :mod:`demix.pipeline.batch.remix.build` (tempo, looping, one example).
+Weak examples (``demix remix --labelled DATASET``, :mod:`demix.pipeline.batch.remix.weak`) use no separator
+estimate as a target: the recipient's ORIGINAL excerpt where ``S`` is silent plus a labelled song's true
+``S``; only ``S`` and the sum of the other stems (``rest.wav``) are known, which ``weak.json`` says.
+
+The code is in three modules, re-exported here: :mod:`demix.pipeline.batch.remix.plan` (schema, config,
+recipes, ids, the committed view) and :mod:`demix.pipeline.batch.remix.build` (tempo, looping, one example),
+:mod:`demix.pipeline.batch.remix.weak` (the weak kind's planning; its build is in ``build``).
 """
 
 from demix.pipeline.batch.remix.build import build_example, estimate_tempo, example_uri, loop_to_length, tempo_distance
 from demix.pipeline.batch.remix.plan import (
-    REMIXES_SCHEMA, STEM_LINEAGE, TRUTH_MIN_ACTIVE_S, Recipe, RemixConfig, RemixError, StemSource, commit_examples,
-    committed_examples, consolidated, plan_remixes, shard_recipes, stem_sources, truth_of, write_truth,
+    REMIXES_SCHEMA, STEM_LINEAGE, TRUTH_MIN_ACTIVE_S, WEAK_REST, Recipe, RemixConfig, RemixError, StemSource,
+    commit_examples, committed_examples, consolidated, is_weak, plan_remixes, shard_recipes, stem_sources, truth_of,
+    write_truth,
 )
+from demix.pipeline.batch.remix.weak import DEFAULT_WEAK_SECONDS, SILENCE_MARGIN_S, labelled_donors, plan_weak, silent_windows
 
 __all__ = [
-    "REMIXES_SCHEMA", "STEM_LINEAGE", "TRUTH_MIN_ACTIVE_S", "Recipe", "RemixConfig", "RemixError", "StemSource",
-    "build_example", "commit_examples", "committed_examples", "consolidated", "estimate_tempo", "example_uri",
-    "loop_to_length", "plan_remixes", "shard_recipes", "stem_sources", "tempo_distance", "truth_of", "write_truth",
+    "DEFAULT_WEAK_SECONDS", "REMIXES_SCHEMA", "SILENCE_MARGIN_S", "STEM_LINEAGE", "TRUTH_MIN_ACTIVE_S", "WEAK_REST",
+    "Recipe", "RemixConfig", "RemixError", "StemSource", "build_example", "commit_examples", "committed_examples",
+    "consolidated", "estimate_tempo", "example_uri", "is_weak", "labelled_donors", "loop_to_length", "plan_remixes",
+    "plan_weak", "shard_recipes", "silent_windows", "stem_sources", "tempo_distance", "truth_of", "write_truth",
 ]

@@ -1,19 +1,24 @@
 """Building one remix example (:func:`build_example`, run on the Ray layer by the flow): the recipient's
 stems over the example's window, the tempo-closest donor candidate, the donor's stem looped in whole
 bars, gains and peak limiting, and the files in MUSDB layout. See :mod:`demix.pipeline.batch.remix`.
+A weak recipe (:mod:`demix.pipeline.batch.remix.weak`) is built by :func:`_build_weak`: the recipient's
+original excerpt, a labelled donor's true stem, ``mixture``/``<S>``/``rest`` and ``weak.json``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 
 import numpy as np
 import torch
 
-from demix.pipeline.batch.remix.plan import Recipe, StemSource
+from demix.pipeline.batch.remix.plan import WEAK_REST, Recipe, StemSource
 from demix.pipeline.engine import TrackError
 from demix.pipeline.errors import stage_of
 from demix.pipeline.io import AtomicOutput, join, read_slice, write_float_wav
+from demix.pipeline.stems import QUIET_DBFS
 
 
 def _read(uri: str, start: int, frames: int | None, rate: int) -> tuple[np.ndarray, int]:
@@ -92,7 +97,7 @@ def build_example(recipe: Recipe) -> dict:
         demix.pipeline.engine.TrackError: naming the example and the stage (read, decode, remix, write).
     """
     try:
-        return _build(recipe)
+        return _build_weak(recipe) if recipe.kind == "weak" else _build(recipe)
     except TrackError:
         raise
     except Exception as err:  # noqa: BLE001 - one typed, staged error per example
@@ -218,3 +223,80 @@ def _row(
             for s in recipe.stems
         ],
     }
+
+
+# ---------------------------------------------------------------------------------------- weak kind
+
+
+def _active_span(audio: np.ndarray, rate: int, frame_s: float = 0.05) -> tuple[float, float]:
+    """``(start_s, end_s)`` of the longest run of frames louder than ``QUIET_DBFS`` and within 40 dB of
+    the loudest frame (the whole audio when none is)."""
+    hop = max(1, int(frame_s * rate))
+    n = audio.shape[-1] // hop
+    if n == 0:
+        return 0.0, audio.shape[-1] / rate
+    rms = np.sqrt(np.square(audio[:, : n * hop].reshape(audio.shape[0], n, hop)).mean((0, 2)) + 1e-20)
+    db = 20 * np.log10(rms)
+    active = (db > QUIET_DBFS) & (db > db.max() - 40.0)
+    best, run, best_end = 0, 0, 0
+    for i, on in enumerate(active):
+        run = run + 1 if on else 0
+        if run > best:
+            best, best_end = run, i + 1
+    if best == 0:
+        return 0.0, audio.shape[-1] / rate
+    return (best_end - best) * hop / rate, best_end * hop / rate
+
+
+def _weak_donor(donor: StemSource, donor_tempo: float | None, rate: int, length: int, channels: int) -> tuple[np.ndarray, dict]:
+    """The labelled donor's stem: its longest active stretch cut to whole bars, at ``rate`` with
+    ``channels`` channels, looped to ``length``; and its lineage."""
+    audio, r = read_slice(donor.uri)
+    a, b = _active_span(audio, r)
+    bar = 4 * 60.0 / donor_tempo if donor_tempo else None
+    loop_s = b - a if not bar or b - a < bar else math.floor((b - a) / bar) * bar
+    audio = audio[:, int(round(a * r)) : int(round(a * r)) + max(1, int(round(loop_s * r)))]
+    if r != rate:
+        import torchaudio.functional as AF  # lazy: heavy, needed only when the labelled songs have another rate
+
+        audio = AF.resample(torch.from_numpy(np.ascontiguousarray(audio)), r, rate).numpy()
+    if audio.shape[0] != channels:
+        audio = np.repeat(audio.mean(0, keepdims=True), channels, 0)
+    lineage = {"role": "donor", "source_track_id": donor.track_id, "source_stem_uri": donor.uri, "offset_s": round(a, 6),
+               "loop_s": loop_s if loop_s * rate < length else None, "active_s": round(length / rate, 4)}
+    return loop_to_length(np.asarray(audio, np.float32), length, rate), lineage
+
+
+def _build_weak(recipe: Recipe) -> dict:
+    """One weak example (see :mod:`demix.pipeline.batch.remix.weak`): read, mix, write, return its row."""
+    try:
+        excerpt, rate = read_slice(recipe.mixture_uri, recipe.offset_s, recipe.seconds)
+    except Exception as err:  # noqa: BLE001 - named: the recipient's source audio could not be read
+        raise TrackError(recipe.example_id, stage_of(err, "read"), RuntimeError(f"recipient audio {recipe.mixture_uri}: {err}")) from err
+    length = int(round(recipe.seconds * rate))
+    channels = excerpt.shape[0]
+    rest = np.pad(excerpt, ((0, 0), (0, length - excerpt.shape[-1]))).astype(np.float32)
+    rec_tempo = estimate_tempo(rest, rate)
+    donor, donor_tempo = _choose_donor(recipe, rec_tempo, rate)
+    stem = recipe.target_stem
+    parts = {WEAK_REST: rest}
+    parts[stem], donor_lineage = _weak_donor(donor, donor_tempo, rate, length, channels)
+    scale_db = 20 * math.log10(_apply_gains(recipe, parts))
+    mix = parts[WEAK_REST] + parts[stem]
+    recipient = next(iter(recipe.recipient.values()))["track_id"]
+    marker = {"known": [stem], "rest_of": [s for s in recipe.stems if s != stem], "rest": WEAK_REST,
+              "recipient_track_id": recipient, "donor_track_id": donor.track_id, "labelled": recipe.labelled}
+    with AtomicOutput() as staged:
+        for name, audio in (("mixture", mix), (stem, parts[stem]), (WEAK_REST, parts[WEAK_REST])):
+            write_float_wav(staged.path_for(example_uri(recipe, name)), audio, rate)
+        with open(staged.path_for(join(recipe.out, recipe.split, recipe.example_id, "weak.json")), "w", encoding="utf-8") as f:
+            f.write(json.dumps(marker, sort_keys=True))
+        staged.commit()
+    rest_lineage = {"role": "recipient", "source_track_id": recipient, "source_stem_uri": recipe.mixture_uri,
+                    "offset_s": recipe.offset_s, "loop_s": None, "active_s": round(length / rate, 4)}
+    row = _row(dataclasses.replace(recipe, stems=()), recipient, donor.track_id, (rec_tempo, donor_tempo), {}, length, rate, scale_db)
+    row["stems"] = [
+        {"stem": name, "uri": example_uri(recipe, name), **lineage, "gain_db": recipe.gains_db[name] + scale_db}
+        for name, lineage in ((stem, donor_lineage), (WEAK_REST, rest_lineage))
+    ]
+    return row

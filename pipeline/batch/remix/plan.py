@@ -141,6 +141,9 @@ class Recipe:
     split: str
     peak: float
     out: str = ""
+    kind: str = "strong"  # strong: every stem known | weak: the donor's stem and the recipient's original excerpt
+    mixture_uri: str = ""  # weak: the recipient's source audio (the tracks manifest's source_uri)
+    labelled: str = ""  # weak: the labelled dataset the donors come from
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -249,11 +252,21 @@ TRUTH_MIN_ACTIVE_S = 0.25
 
 def truth_of(rows: Sequence[dict]) -> dict[str, dict[str, bool]]:
     """``truth.json`` content of a remix split: which stems sound in each example (a recipient stem
-    that is silent over the example's window counts as absent)."""
+    that is silent over the example's window counts as absent). Weak examples are left out: their
+    ``weak.json`` says what is known."""
     return {
         r["example_id"]: {s["stem"]: s["role"] != "silent" and (s["active_s"] or 0.0) >= TRUTH_MIN_ACTIVE_S for s in r["stems"]}
-        for r in rows
+        for r in rows if not is_weak(r)
     }
+
+
+WEAK_REST = "rest"
+"""Name of a weak example's second target: the recipient's original excerpt (the sum of its other stems)."""
+
+
+def is_weak(row: dict) -> bool:
+    """Whether a ``remixes`` row is a weak example (its lineage has a ``rest`` part, not every stem)."""
+    return any(s["stem"] == WEAK_REST for s in row["stems"])
 
 
 def consolidated(out: str) -> tuple[pa.Table, pa.Table]:
