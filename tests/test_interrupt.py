@@ -69,7 +69,8 @@ class Cli:
         with open(f"{stem}.out", "wb") as out, open(f"{stem}.err", "wb") as err:
             proc = subprocess.Popen(
                 [sys.executable, "-c", "import os, sys; os.environ['DEMIX_TEST_CLI_PID'] = str(os.getpid()); "
-                 "from demix.pipeline.cli import main; sys.exit(main(sys.argv[1:]))", *args],
+                 "from demix.pipeline.cli import main; from demix.pipeline.cli._process import exit_process; "
+                 "exit_process(main(sys.argv[1:]))", *args],  # as the console script ends (`entry`)
                 cwd=ROOT, env={**self.env, "DEMIX_TEST_IMPORTS": f"{stem}.imports.json"}, stdout=out, stderr=err,
                 start_new_session=True,
             )

@@ -50,12 +50,15 @@ def exit_process(code: int) -> None:
     imported, so no shutdown handler has work to do), it leaves through ``os._exit`` once output and
     logs are flushed: the C++ static destructors that run at a normal interpreter exit made a
     ``demix run`` refused at validation abort about one time in fifteen on a loaded 2-core machine
-    (``terminate called without an active exception``, exit 134 after the right error message)."""
+    (``terminate called without an active exception``, exit 134 after the right error message). Python's
+    own exit handlers (``atexit``) still run."""
+    import atexit
     import logging
     import sys
 
     if "ray" in sys.modules or "prefect" in sys.modules:
         sys.exit(code)
+    atexit._run_exitfuncs()  # what a normal exit runs in Python (handlers, logging), not the C++ destructors
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         try:
