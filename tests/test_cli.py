@@ -239,7 +239,8 @@ from demix_test_models import SOURCES, GainModel
 from demix.models.registry import ModelEntry, register
 register(ModelEntry(name="test-slow-separate", factory=lambda: GainModel(delay_s=0.1), sample_rate=8000, sources=SOURCES, description="test only"))
 from demix.pipeline.cli import main
-sys.exit(main(sys.argv[2:]))
+from demix.pipeline.cli._process import exit_process
+exit_process(main(sys.argv[2:]))  # as the console script ends (`entry`)
 """
 
 

@@ -17,7 +17,8 @@ DRIVER = (
     "import atexit, sys\n"
     "from demix.pipeline.cli import main\n"
     "atexit.register(lambda: print('imported:', *[m for m in ('prefect', 'ray') if m in sys.modules]))\n"
-    "sys.exit(main(sys.argv[1:]))\n"
+    "from demix.pipeline.cli._process import exit_process\n"
+    "exit_process(main(sys.argv[1:]))\n"  # as the console script ends (`entry`)
 )
 
 

@@ -50,15 +50,19 @@ def exit_process(code: int) -> None:
     imported, so no shutdown handler has work to do), it leaves through ``os._exit`` once output and
     logs are flushed: the C++ static destructors that run at a normal interpreter exit made a
     ``demix run`` refused at validation abort about one time in fifteen on a loaded 2-core machine
-    (``terminate called without an active exception``, exit 134 after the right error message). Python's
-    own exit handlers (``atexit``) still run."""
+    (``terminate called without an active exception``, exit 134 after the right error message). It waits
+    for non-daemon threads and runs Python's exit handlers (``atexit``) first, as a normal exit does."""
     import atexit
     import logging
     import sys
+    import threading
 
     if "ray" in sys.modules or "prefect" in sys.modules:
         sys.exit(code)
-    atexit._run_exitfuncs()  # what a normal exit runs in Python (handlers, logging), not the C++ destructors
+    for thread in threading.enumerate():  # as a normal exit does: wait for non-daemon threads first
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()  # then what a normal exit runs in Python (handlers, logging), not the C++ destructors
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         try:
