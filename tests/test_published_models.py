@@ -199,3 +199,23 @@ def test_download_refuses_a_checksum_mismatch(tmp_path, served, monkeypatch, cap
     _serve_as(monkeypatch, "htdemucs", f"{base}/955717e8-8726e21a.th")
     assert main(["models", "--download", "htdemucs"]) == 2
     assert "sha256 mismatch" in capsys.readouterr().err
+
+
+def test_bag_by_name_over_http_as_a_run_with_network_loads_it(tmp_path, served, monkeypatch):
+    """`demix run ... --model htdemucs_ft` with network and no --weights: the registry fetches the four
+    members from the entry's URL prefix into the cache, checks each against the sha8 in its published
+    name, and the bag separates (the entry points at a local server holding such files)."""
+    root, base = served
+    monkeypatch.setenv("DEMIX_CACHE", str(tmp_path / "cache"))
+    bag = registry.load_model("htdemucs_ft", pretrained=False, **SMALL_HT)
+    names = tuple(write_demucs_package(m, root, n.split("-")[0]).name for m, n in zip(bag.members, FT_BAG))
+    entry = replace(registry.get_entry("htdemucs_ft"), weights_uri=base, bag=names)
+    monkeypatch.setitem(registry._REGISTRY, "htdemucs_ft", entry)
+    model = registry.load_model("htdemucs_ft", **SMALL_HT)
+    assert len(list((tmp_path / "cache").rglob("*.th"))) == 4, "the members are cached"
+    out = separate(model, _mix(1.2), SeparationSettings())
+    assert out.shape[:2] == (4, 2) and torch.isfinite(out).all()
+    (root / names[2]).write_bytes((root / names[2]).read_bytes()[:-10] + b"0123456789")  # a corrupted copy served
+    monkeypatch.setenv("DEMIX_CACHE", str(tmp_path / "cache2"))
+    with pytest.raises(ModelLoadError, match="sha256"):
+        registry.load_model("htdemucs_ft", **SMALL_HT)
