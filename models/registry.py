@@ -281,11 +281,12 @@ UNET = register(
         factory=_unet,
         sample_rate=44100,
         sources=STEMS,
-        weights_uri=str(WEIGHTS_DIR / "unet-59fb490d.safetensors"),
-        sha256="59fb490db8cb23d3dc00cabfd325e65e977ef57f681c2904ff67ffa9c97ef388",
+        weights_uri=str(WEIGHTS_DIR / "unet-78a9e21d.safetensors"),
+        sha256="78a9e21d34b9db0984973114f7168caa70a787926df83cf144a7542982e19e29",
         description=(
             "Spectrogram U-Net (Jansson et al. 2017), 8 base channels, softmax masks; trained by demix on its "
-            "own synthetic multitrack songs (demix synth), shipped in float16 (4.9 MB)"
+            "own synthetic multitrack songs (demix synth: the classic generator, then the varied train profile), "
+            "shipped in float16 (4.9 MB)"
         ),
     )
 )

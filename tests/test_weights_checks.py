@@ -90,7 +90,7 @@ def test_registry_sha256_is_checked_for_weights_given_by_the_user(tmp_path):
         with pytest.raises(ModelLoadError, match="do not match the architecture"):
             load_model("hdemucs-musdb", weights=str(wrong), **kw)
     copy = tmp_path / "unet.safetensors"
-    shutil.copy(WEIGHTS_DIR / "unet-59fb490d.safetensors", copy)
+    shutil.copy(Path(get_entry("unet").weights_uri), copy)
     assert load_model("unet", weights=str(copy)).weights_verified_by == "registry sha256"
     assert load_model("unet").weights_verified_by == "registry sha256"
 
@@ -105,7 +105,7 @@ def song(tmp_path) -> str:
 
 def test_cli_requires_a_checksum_or_trust_and_says_which_matched(tmp_path, song, capsys):
     retrained = tmp_path / "unet-float32.safetensors"  # another file than the registry's
-    save_file({k: v.float() for k, v in load_file(str(WEIGHTS_DIR / "unet-59fb490d.safetensors")).items()}, str(retrained))
+    save_file({k: v.float() for k, v in load_file(str(Path(get_entry("unet").weights_uri))).items()}, str(retrained))
     base = ["separate", song, "-o", str(tmp_path / "out"), "--no-progress", "--weights", str(retrained)]
     assert main(base) == 2
     err = capsys.readouterr().err
@@ -118,7 +118,7 @@ def test_cli_requires_a_checksum_or_trust_and_says_which_matched(tmp_path, song,
 
 def test_run_checks_weights_before_prefect_and_threads_trust(tmp_path, song, capfd):
     retrained = tmp_path / "unet-float32.safetensors"
-    save_file({k: v.float() for k, v in load_file(str(WEIGHTS_DIR / "unet-59fb490d.safetensors")).items()}, str(retrained))
+    save_file({k: v.float() for k, v in load_file(str(Path(get_entry("unet").weights_uri))).items()}, str(retrained))
     base = ["run", str(Path(song).parent), "-o", str(tmp_path / "run"), "--weights", str(retrained), "--dry-run", "--quiet"]
     assert main(base) == 2
     err = capfd.readouterr().err
