@@ -22,6 +22,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
@@ -257,10 +258,20 @@ class Stack:
         ], env)
 
     def request(self, method: str, path: str, body: dict | None = None) -> dict | list:
+        """One call to the server's REST API. 429, 502 and 503 are retried with backoff, as Prefect's own
+        client does: the server answers 503 to errors it calls retryable (a busy SQLite database, a timeout),
+        which a loaded 2-core machine saw once between two runs."""
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.api + path, data=data, method=method, headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            return json.loads(resp.read() or b"null")
+        for attempt in range(6):
+            req = urllib.request.Request(self.api + path, data=data, method=method, headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=30) as resp:
+                    return json.loads(resp.read() or b"null")
+            except urllib.error.HTTPError as err:
+                if err.code not in (429, 502, 503) or attempt == 5:
+                    raise
+            time.sleep(2**attempt)
+        raise AssertionError("unreachable")
 
     def run_deployment(self, deployment_id: str, parameters: dict) -> str:
         """Trigger a run of the deployment (its parameters overridden by ``parameters``); its id."""
