@@ -126,8 +126,7 @@ def _mtime(info: dict) -> float | None:
 
 def _files(uri: str) -> tuple[object, dict[str, dict]]:
     """``(fs, {path: info})`` of every file under ``uri`` (none when it does not exist)."""
-    fs, path = filesystem(uri)
-    fs.invalidate_cache(path)  # a listing cached by this process (its own run, an earlier gc) may be stale
+    fs, path = filesystem(uri)  # never a cached listing (see io.storage)
     try:
         return fs, fs.find(path, detail=True, withdirs=False)
     except FileNotFoundError:

@@ -7,11 +7,10 @@ evaluation report (``learn/report.py``); the plots are in :mod:`demix.pipeline.i
 from __future__ import annotations
 
 import html
-import mimetypes
 from collections.abc import Iterable, Sequence
 from urllib.parse import quote
 
-from demix.pipeline.io.storage import StorageError, atomic_write, filesystem, is_remote
+from demix.pipeline.io.storage import atomic_write
 
 _CSS = """
 body{font-family:system-ui,sans-serif;margin:1.5em 2em;color:#222;max-width:1400px}
@@ -124,23 +123,10 @@ def page(title: str, parts: Iterable[str]) -> str:
 
 
 def publish(uri: str, data: bytes | str) -> None:
-    """Write one report file atomically: a local file staged and renamed (:func:`atomic_write`), an
-    S3 object in one PUT with its ``Content-Type`` (from the name), so static hosting serves pages as
-    HTML and clips as audio.
+    """Write one report file atomically (:func:`atomic_write`; on S3 with its ``Content-Type`` from
+    the name, so static hosting serves pages as HTML and clips as audio).
 
     Raises:
         StorageError: the file cannot be written.
     """
-    blob = data.encode("utf-8") if isinstance(data, str) else data
-    if not is_remote(uri):
-        atomic_write(uri, blob)
-        return
-    fs, path = filesystem(uri)
-    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
-    ctype = mimetypes.guess_type(path)[0] or "application/octet-stream"
-    if ctype.startswith("text/"):
-        ctype += "; charset=utf-8"
-    try:
-        fs.pipe_file(path, blob, **({"ContentType": ctype} if "s3" in protocols else {}))
-    except Exception as err:  # noqa: BLE001 - one typed error out
-        raise StorageError(uri, f"{type(err).__name__}: {err}") from err
+    atomic_write(uri, data.encode("utf-8") if isinstance(data, str) else data)

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import glob as _glob
+import mimetypes
 import os
 import re
 import shutil
@@ -320,6 +321,13 @@ class AtomicOutput:
         self.discard()
 
 
+def _content_type_kwargs(fs, path: str) -> dict:
+    """``{"ContentType": ...}`` for an S3 key, guessed from its name (text with a UTF-8 charset)."""
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+    ctype = mimetypes.guess_type(path)[0] if "s3" in protocols else None
+    return {"ContentType": f"{ctype}; charset=utf-8" if ctype.startswith("text/") else ctype} if ctype else {}
+
+
 def put_file(local: str, uri: str) -> None:
     """Move/upload a finished local file to ``uri`` as one atomic step.
 
@@ -334,7 +342,8 @@ def put_file(local: str, uri: str) -> None:
             os.replace(local, final)
         else:
             fs, path = filesystem(uri)
-            fs.put_file(local, path)  # object stores publish a key only when its upload completes
+            # published only once uploaded; typed by the final name (s3fs would use the staged file's)
+            fs.put_file(local, path, **_content_type_kwargs(fs, path))
             Path(local).unlink(missing_ok=True)
     except Exception as err:  # noqa: BLE001 - one typed error out
         raise StorageError(uri, f"{type(err).__name__}: {err}") from err
